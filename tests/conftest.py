@@ -1,0 +1,38 @@
+"""Test-wide set-up: two simulated CPU devices and the path of the real sample files."""
+
+import os
+import pathlib
+
+# Two host devices let the multi-device tests run on a CPU-only machine. The flag must be
+# set before jax is first imported, which is why it lives at the top of conftest.
+_DEVICE_FLAG = "--xla_force_host_platform_device_count=2"
+if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICE_FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REAL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "real"
+
+
+def real_file(name: str) -> pathlib.Path:
+    """Path of a real sample file; skip the test when it is absent, fail under CI."""
+    path = REAL_DATA_DIR / name
+    if path.is_file():
+        return path
+    message = (f"real sample file {path} is missing; it ships beside the repository in "
+               "../shared/data/real, not inside it")
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def larcv_root_path() -> pathlib.Path:
+    return real_file("example_larcv.root")
+
+
+@pytest.fixture
+def larcv3_h5_path() -> pathlib.Path:
+    return real_file("cosmic_tagging_light.h5")
