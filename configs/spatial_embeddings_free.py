@@ -1,0 +1,13 @@
+"""SPICE with free hyperspace embeddings in place of offset regression."""
+
+import pathlib
+
+from jaxcluster.config import load_config_file
+
+
+def get_config():
+    config = load_config_file(pathlib.Path(__file__).with_name("base.py"))
+    config.name = "spatial_embeddings_free"
+    config.model_name = "spatial_embeddings_free"
+    config.clustering_loss.name = "se_lovasz_inter"
+    return config

@@ -1,0 +1,99 @@
+"""Per-step records of a run: CSV files, TensorBoard scalars and the progress bar."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import pathlib
+from typing import Mapping
+
+import tqdm
+
+log = logging.getLogger(__name__)
+
+TRAIN_CSV = "train_log.csv"
+EVAL_CSV = "eval_log.csv"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class CsvLog:
+    """Append rows to a CSV file whose columns are fixed by the first row written.
+
+    A resumed run appends to the existing file and keeps its header. Keys missing from
+    a row are left empty and keys unknown to the header raise, so a column never shifts.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        self._columns: list[str] | None = None
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            with self.path.open(newline="") as handle:
+                self._columns = next(csv.reader(handle))
+
+    def write(self, row: Mapping[str, object]) -> None:
+        if self._columns is None:
+            self._columns = list(row)
+            with self.path.open("w", newline="") as handle:
+                csv.writer(handle).writerow(self._columns)
+        unknown = [key for key in row if key not in self._columns]
+        if unknown:
+            raise KeyError(f"{self.path}: columns {unknown} are not in the header "
+                           f"{self._columns}; start a new --workdir when the loss terms change")
+        with self.path.open("a", newline="") as handle:
+            csv.writer(handle).writerow(["" if row.get(key) is None else row[key]
+                                         for key in self._columns])
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+class RunLogger:
+    """Write train and eval records of process 0; other processes write nothing."""
+
+    def __init__(self, workdir: str | os.PathLike, *, is_primary: bool, initial_step: int,
+                 total_steps: int, log_every_steps: int):
+        self.is_primary = is_primary
+        self.log_every_steps = log_every_steps
+        workdir = pathlib.Path(workdir)
+        self._train_csv = CsvLog(workdir / TRAIN_CSV) if is_primary else None
+        self._eval_csv = CsvLog(workdir / EVAL_CSV) if is_primary else None
+        self._tensorboard = None
+        if is_primary:
+            # Imported here because tensorboardX pulls in protobuf, which tests of the
+            # other parts of the loop do not need.
+            import tensorboardX
+            self._tensorboard = tensorboardX.SummaryWriter(str(workdir / TENSORBOARD_DIR))
+        self._progress = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step",
+                                   disable=not is_primary, dynamic_ncols=True)
+
+    def train_step(self, step: int, row: Mapping[str, object]) -> None:
+        """Record one training step; ``row`` holds the CSV columns besides ``step``."""
+        self._progress.update(1)
+        if not self.is_primary:
+            return
+        self._train_csv.write({"step": step, **row})
+        if "loss" in row:
+            self._progress.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
+        if step % self.log_every_steps == 0:
+            self._scalars("train", step, row)
+
+    def evaluation(self, step: int, metrics: Mapping[str, float]) -> None:
+        log.info("evaluation at step %d: %s", step,
+                 ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items())))
+        if not self.is_primary:
+            return
+        self._eval_csv.write({"step": step, **metrics})
+        self._scalars("eval", step, metrics)
+
+    def _scalars(self, prefix: str, step: int, values: Mapping[str, object]) -> None:
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._tensorboard.add_scalar(f"{prefix}/{name}", value, step)
+
+    def close(self) -> None:
+        self._progress.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
