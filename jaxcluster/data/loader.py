@@ -42,7 +42,7 @@ _JOIN_SECONDS = 10.0
 
 
 class Reader(Protocol):
-    """What the loader needs from a reader."""
+    """Interface that the loader requires of a reader."""
 
     def __len__(self) -> int: ...
 
@@ -65,7 +65,7 @@ class ListReader:
 
 
 class LoaderError(RuntimeError):
-    """An error raised while loading a batch; the message names the event, the cause is chained."""
+    """Error raised while loading a batch. Its message names the event and its cause is chained."""
 
 
 def count_clusters(batch: Mapping[str, np.ndarray],
@@ -123,8 +123,11 @@ class _ParsedEvent:
 
 
 class _BatchBuilder:
-    """Reads, parses and packs the events of one step. It holds no reference to the Loader,
-    so the prefetch thread does not keep a dropped Loader alive."""
+    """Worker that reads, parses and packs the events of each step.
+
+    It keeps no reference to the Loader, so the prefetch thread does not keep a dropped
+    Loader alive.
+    """
 
     def __init__(self, reader, schema, *, input_key, label_key, spatial_shape, batch_size,
                  num_devices, num_scales, seed, shuffle, capacity, max_capacity,
@@ -208,7 +211,7 @@ class _BatchBuilder:
             largest = max(loaded, key=lambda e: e.num_rows)
             raise ValueError(
                 f"epoch {epoch}, step {step}: a device batch has {needed} voxels, more than "
-                f"the largest allowed capacity {argument}={limit} (largest event: "
+                f"the largest allowed capacity ({argument}={limit}, largest event: "
                 f"{largest.source} with {largest.num_rows} voxels); pass {argument} >= "
                 f"{capacity_bucket(needed)} or a smaller batch_size")
         if self.capacity is not None:
@@ -263,7 +266,7 @@ class _BatchBuilder:
         """Pack one device's events into the padded single-device layout.
 
         Instance ids are offset per slot so that they are unique within the device batch:
-        slot k adds the sum of (max instance + 1) over slots before it; -1 stays -1.
+        slot k adds the sum of (max instance + 1) over the slots before it, and -1 stays -1.
         """
         dimension = len(self.spatial_shape)
         num_scales = self.num_scales
@@ -302,7 +305,7 @@ class _BatchBuilder:
 
 
 class _Prefetcher:
-    """Runs a batch iterator on a daemon thread and hands its items over a bounded queue."""
+    """Daemon thread that runs a batch iterator and passes its items over a bounded queue."""
 
     def __init__(self, iterator: Iterator, depth: int):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -312,7 +315,7 @@ class _Prefetcher:
         self._thread.start()
 
     def get(self):
-        """Return the next ``(kind, payload)`` item; kind is ``batch``, ``end`` or ``error``."""
+        """Return the next ``(kind, payload)`` item, where kind is ``batch``, ``end`` or ``error``."""
         while True:
             try:
                 return self._queue.get(timeout=_POLL_SECONDS)
@@ -434,7 +437,7 @@ class Loader:
         self._position = 0
         self._generator = None
         # The finaliser closes the prefetch thread when the Loader is garbage collected.
-        # It sees only this holder, never the Loader itself.
+        # It references only this holder, never the Loader itself.
         self._holder: list = [None]
         self._finalizer = weakref.finalize(self, _close_prefetcher, self._holder)
         log.info("loader: %d events, %d steps per epoch, %d devices x %d slots, %d scales",
@@ -498,7 +501,7 @@ class Loader:
                 "num_events": self._builder.num_events, "batch_size": self.batch_size}
 
     def restore(self, state: Mapping[str, int]) -> None:
-        """Continue from a ``state()``; the next batches are those the saved loader would give."""
+        """Continue from a ``state()``, so that the next batches are those the saved loader gives."""
         missing = [key for key in _STATE_KEYS if key not in state]
         if missing:
             raise ValueError(f"loader state {dict(state)} lacks {missing}; pass a dict returned "
@@ -544,7 +547,7 @@ def _check_schema_keys(resolved, input_key: str, label_key: str) -> None:
                          f"{input_key!r} and {label_key!r} are used); remove them")
 
 def _schema_dimension(resolved, input_key: str, label_key: str) -> int:
-    """Return D of the schema's parsers; product kinds end in "2d" or "3d"."""
+    """Return D of the schema's parsers, read from product kinds that end in "2d" or "3d"."""
     dimensions = {int(resolved[key].spec.product_kinds[0][-2]) for key in (input_key, label_key)}
     if len(dimensions) != 1:
         raise ValueError(f"schema mixes 2D and 3D parsers: {resolved[input_key].name} and "
