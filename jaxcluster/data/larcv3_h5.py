@@ -309,7 +309,7 @@ class LArCV3Reader:
 
         The image is the ``sparse`` product (rows as stored); the labelled voxels are
         the non-empty clusters, cluster row k being ``cluster_attrs`` row k. ``meta``
-        holds ``origin`` and ``voxel_size`` (in the meta's units), ``projection``,
+        contains ``origin`` and ``voxel_size`` (in the meta's units), ``projection``,
         ``cluster_ids`` (the file's id of each row of ``cluster_attrs``) and the
         run/subrun/event ids.
         """
