@@ -85,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     # NOTE: sized for `make train` on a 2-core CPU before the model's step time was
     # measured; tune this one value once it is known.
     config.train.num_steps = 1000  # optimizer steps in the whole run
+    config.train.num_local_devices = 0  # local devices to train on (0 uses all of them)
     config.train.seed = 0  # seed of parameter initialisation and of the step RNG
     config.train.log_every_steps = 10  # steps between TensorBoard scalar writes
     config.train.eval_every_steps = 500  # steps between evaluations (0 disables)

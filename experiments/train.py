@@ -30,7 +30,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.a.b=value")
     config = _CONFIG.value
-    validate_config(config, source=f"--config={_CONFIG.config_filename}")
+    validate_config(config, source=f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}")
     logging.info("configuration:\n%s", config)
     train_and_evaluate(config, _WORKDIR.value, command_line=sys.argv)
 

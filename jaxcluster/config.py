@@ -49,7 +49,7 @@ _POSITIVE = ("network_base.spatial_size", "network_base.nInputFeatures",
              "data.batch_size", "data.num_workers", "train.log_every_steps",
              "train.checkpoint_every_steps", "train.max_to_keep", "optimizer.learning_rate",
              "optimizer.decay_steps")
-_NON_NEGATIVE = ("network_base.reps", "data.capacity", "train.num_steps",
+_NON_NEGATIVE = ("network_base.reps", "train.num_local_devices", "data.capacity", "train.num_steps",
                  "train.eval_every_steps", "train.eval_num_batches", "optimizer.warmup_steps",
                  "optimizer.grad_clip_norm", "optimizer.weight_decay", "network_base.leakiness")
 

@@ -124,8 +124,8 @@ def _step_row(metrics: dict, schedule, step_number: int, train_data, data_time: 
     }
 
 
-def _log_start(config, state: TrainState, data_description: str, resumed_from: int | None) -> None:
-    devices = jax.local_devices()
+def _log_start(config, state: TrainState, devices: list, data_description: str,
+               resumed_from: int | None) -> None:
     log.info("training %s (model %s) on %d local %s device(s), %d process(es); data %s; "
              "%d parameters; %s", config.name, config.model_name, len(devices),
              devices[0].platform, jax.process_count(), data_description,
@@ -169,6 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if config.data.batch_size % process_count:
         raise ValueError(f"data.batch_size={config.data.batch_size} does not divide by the "
                          f"{process_count} processes of this run; use a multiple of {process_count}")
+    devices = parallel.training_devices(config.train.num_local_devices)
     workdir = pathlib.Path(workdir)
     if process_index == 0:
         config_lib.write_config(config, workdir, command_line)
@@ -179,23 +180,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if train_data is None:
         data_description = f"{config.data.format} {config.data.train_file}"
         train_data = components.build_loader(
-            config, config.data.train_file, num_devices=parallel.local_device_count(),
+            config, config.data.train_file, num_devices=len(devices),
             process_index=process_index, process_count=process_count, seed=config.data.seed)
     if eval_data is None:
         eval_data = components.build_eval_data(
-            config, num_devices=parallel.local_device_count(), process_index=process_index,
+            config, num_devices=len(devices), process_index=process_index,
             process_count=process_count)
 
     checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, max_to_keep=config.train.max_to_keep)
     try:
         return _train(config, workdir, model, loss_fn, train_data, eval_data, evaluate_fn,
-                      checkpointer, data_description)
+                      checkpointer, data_description, devices)
     finally:
         checkpointer.close()
 
 
 def _train(config, workdir, model, loss_fn, train_data, eval_data, evaluate_fn,
-           checkpointer: Checkpointer, data_description: str) -> TrainState:
+           checkpointer: Checkpointer, data_description: str, devices: list) -> TrainState:
     latest = checkpointer.latest_step()
     if latest is not None:
         train_data.restore(checkpointer.restore_data(latest))
@@ -203,14 +204,14 @@ def _train(config, workdir, model, loss_fn, train_data, eval_data, evaluate_fn,
     state = _initial_state(config, model, batch)
     if latest is not None:
         state = _restore(checkpointer, latest, state)
-    _log_start(config, state, data_description, latest)
+    _log_start(config, state, devices, data_description, latest)
 
     bound = dict(model=model, loss_fn=loss_fn, axis_name=parallel.AXIS_NAME)
-    train_step_fn = parallel.pmap_step(functools.partial(step.train_step, **bound))
-    eval_step_fn = parallel.pmap_step(functools.partial(step.eval_step, **bound),
+    train_step_fn = parallel.pmap_step(functools.partial(step.train_step, **bound), devices)
+    eval_step_fn = parallel.pmap_step(functools.partial(step.eval_step, **bound), devices,
                                       donate_state=False)
     schedule = optim.build_schedule(config.optimizer)
-    replicated = parallel.replicate(state)
+    replicated = parallel.replicate(state, devices)
     first_step = int(state.step) + 1
     num_steps = config.train.num_steps
     logger = RunLogger(workdir, is_primary=jax.process_index() == 0, initial_step=first_step - 1,

@@ -3,7 +3,8 @@
 Every local device holds a full copy of the train state and one slice of the global
 batch (arrays with a leading device axis). Collectives inside the model and the loss
 name the axis ``AXIS_NAME``. Moving to ``shard_map`` later means changing this file only:
-``replicate``, ``unreplicate``, ``pmap_step`` and ``reduce_gradients``.
+````training_devices``, ``replicate``, ``unreplicate``, ``pmap_step`` and
+``reduce_gradients``.
 
 Multi-host runs (one process per host, every process runs the same program):
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,17 +84,25 @@ def _required_int(variable: str) -> int:
     return int(text)
 
 
-def local_device_count() -> int:
-    return jax.local_device_count()
+def training_devices(limit: int = 0) -> list:
+    """Return the local devices to train on: all of them, or the first ``limit``."""
+    devices = jax.local_devices()
+    if limit < 0 or limit > len(devices):
+        raise ValueError(f"train.num_local_devices={limit} is invalid: this process has "
+                         f"{len(devices)} local devices; use 0 (all) up to {len(devices)}")
+    if limit and jax.process_count() > 1:
+        raise ValueError(f"train.num_local_devices={limit} is only supported in one-process "
+                         "runs; set it to 0 so that every process uses all its devices")
+    return devices[:limit] if limit else devices
 
 
-def replicate(tree: Any) -> Any:
-    """Copy a host pytree onto every local device (leading axis = local device count)."""
+def replicate(tree: Any, devices: Sequence) -> Any:
+    """Copy a host pytree onto ``devices`` (leading axis = ``len(devices)``)."""
     stacked = jax.tree_util.tree_map(
-        lambda x: np.broadcast_to(np.asarray(x), (jax.local_device_count(),) + np.shape(x)), tree)
+        lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), tree)
     # An identity pmap gives the arrays the same sharding as the step's outputs, so the
     # second step does not compile the step again for a different input sharding.
-    return jax.pmap(lambda x: x, axis_name=AXIS_NAME)(stacked)
+    return jax.pmap(lambda x: x, axis_name=AXIS_NAME, devices=devices)(stacked)
 
 
 def unreplicate(tree: Any) -> Any:
@@ -101,13 +110,14 @@ def unreplicate(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), tree)
 
 
-def pmap_step(step_fn: Callable, *, donate_state: bool = True) -> Callable:
-    """Wrap ``step_fn(state, batch)`` to run on every local device.
+def pmap_step(step_fn: Callable, devices: Sequence, *, donate_state: bool = True) -> Callable:
+    """Wrap ``step_fn(state, batch)`` to run on each of ``devices``.
 
     The state is replicated, the batch carries a leading device axis, and ``step_fn``
     may use collectives over ``AXIS_NAME``.
     """
-    return jax.pmap(step_fn, axis_name=AXIS_NAME, donate_argnums=(0,) if donate_state else ())
+    return jax.pmap(step_fn, axis_name=AXIS_NAME, devices=devices,
+                    donate_argnums=(0,) if donate_state else ())
 
 
 def run_on_first_device(fn: Callable, *args) -> Any:

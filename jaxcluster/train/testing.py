@@ -153,3 +153,38 @@ class ToyLoader:
             batch["features"] = np.where(batch["valid"][..., None], np.nan, 0.0).astype(np.float32)
         self.position += 1
         return batch
+
+
+def toy_config(overrides=()):
+    """Return the base config set up for toy runs, with ``key=value`` overrides applied."""
+    import pathlib
+
+    from jaxcluster import config as config_lib
+    base = pathlib.Path(__file__).resolve().parents[2] / "configs" / "base.py"
+    defaults = ["name=toy", "train.num_steps=3", "train.checkpoint_every_steps=100",
+                "train.eval_every_steps=0", "train.log_every_steps=1", "data.batch_size=3",
+                "data.valid_file=''"]
+    return config_lib.load_config(base, [*defaults, *overrides])
+
+
+def run_toy_training(workdir, overrides=(), *, model=None, with_eval: bool = False,
+                     **loader_kwargs):
+    """Train the toy model with ``toy_config(overrides)`` in ``workdir``.
+
+    Returns ``(final host state, train loader)``.
+    """
+    from jaxcluster.train import loop
+    config = toy_config(overrides)
+    devices = parallel.training_devices(config.train.num_local_devices)
+    process_index, process_count = jax.process_index(), jax.process_count()
+
+    def make_loader(**extra):
+        return ToyLoader(batch_size=config.data.batch_size, num_devices=len(devices),
+                         seed=config.data.seed, process_index=process_index,
+                         process_count=process_count, **extra)
+
+    loader = make_loader(**loader_kwargs)
+    state = loop.train_and_evaluate(
+        config, workdir, model=model if model is not None else ToyModel(), loss_fn=toy_loss,
+        train_data=loader, eval_data=make_loader if with_eval else None)
+    return state, loader
