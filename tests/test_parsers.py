@@ -364,3 +364,18 @@ def test_schema_resolves_and_runs():
 def test_schema_errors(schema, message):
     with pytest.raises(ValueError, match=message):
         parsers.resolve_schema(schema)
+
+
+def test_missing_semantic_sets_class():
+    attrs = [[0, 4, 0, -1, -1], [1, 5, 0, 2, -1]]
+    event = make_event([[0, 0, 0], [1, 0, 0], [2, 0, 0]], [1, 1, 1],
+                       [[0, 0, 0], [1, 0, 0]], [1, 1], [0, 1], attrs)
+    labels = parsers.parse_cluster3d_clean(event, "cluster3d_a", "sparse3d_a",
+                                           missing_semantic=0)
+    assert labels.column("semantic").tolist() == [0, 2, UNLABELLED_SEMANTIC]
+    assert labels.column("instance").tolist() == [4, 5, -1]
+    scales = parsers.parse_cluster3d_scales(event, "cluster3d_a", "sparse3d_a", num_scales=1,
+                                            missing_semantic=1)
+    assert scales[0].column("semantic").tolist() == [1, 2, UNLABELLED_SEMANTIC]
+    with pytest.raises(ValueError, match="missing_semantic=-1"):
+        parsers.parse_cluster3d_clean(event, "cluster3d_a", "sparse3d_a", missing_semantic=-1)

@@ -190,7 +190,9 @@ class _BatchBuilder:
             raise ValueError(
                 f"epoch {epoch}: all {counts['read']} events read by this process have no "
                 "voxels or no clustered instances, so every batch would be empty; check the "
-                "schema's products, instance_column and spatial_shape against the data")
+                "schema's products, instance_column and spatial_shape against the data, and "
+                "pass missing_semantic=0 to the cluster parser for files without "
+                "semantic_type")
 
     def build(self, order: np.ndarray, epoch: int, step: int) -> dict[str, np.ndarray]:
         devices = []

@@ -30,7 +30,7 @@ image product therefore return the same rows in the same order. Columns:
 |---|---|---|
 | sparse | ``value`` | summed voxel value of the image (MeV), float32 |
 | labels | ``instance`` | id from the ``instance_column`` attribute of the voxel's cluster, -1 for none |
-| labels | ``semantic`` | the cluster's ``semantic_type``; ``UNLABELLED_SEMANTIC`` when there is no cluster or the file gives -1 |
+| labels | ``semantic`` | the cluster's ``semantic_type``: ``missing_semantic`` when the file gives -1, ``UNLABELLED_SEMANTIC`` without a cluster |
 | labels | ``fragment_id``, ``group_id``, ``interaction_id``, ``particle_type`` | the cluster's attributes, -1 for none |
 | scale labels | ``instance``, ``semantic`` | as above, voted per down-sampled site |
 
@@ -292,12 +292,15 @@ def parse_sparse2d_scn(event: Event, sparse_event: str, *, spatial_shape=None,
 
 
 def _parse_cluster_clean(event, cluster_event, sparse_event, *, dimension, parser,
-                         instance_column, spatial_shape, out_of_range):
+                         instance_column, missing_semantic, spatial_shape, out_of_range):
     _check_product(cluster_event, f"cluster{dimension}d", parser)
     _check_product(sparse_event, f"sparse{dimension}d", parser)
     if instance_column not in INSTANCE_COLUMNS:
         raise ValueError(f"{parser}: instance_column={instance_column!r} is not one of "
                          f"{INSTANCE_COLUMNS}")
+    if not isinstance(missing_semantic, (int, np.integer)) or missing_semantic < 0:
+        raise ValueError(f"{parser}: missing_semantic={missing_semantic!r} must be a class "
+                         f"id >= 0, such as {UNLABELLED_SEMANTIC} (not clustered) or 0")
     shape = _resolve_shape(event, spatial_shape, dimension, parser)
     source = event.source or "event"
     image_keys, image_coords, _ = _image_voxels(event, shape, out_of_range)
@@ -337,14 +340,15 @@ def _parse_cluster_clean(event, cluster_event, sparse_event, *, dimension, parse
     chosen = winner_attrs[found]
     semantic = chosen[:, _ATTR_INDEX["semantic_type"]]
     labels[rows, 0] = chosen[:, _ATTR_INDEX[instance_column]]
-    labels[rows, 1] = np.where(semantic < 0, UNLABELLED_SEMANTIC, semantic)
+    labels[rows, 1] = np.where(semantic < 0, missing_semantic, semantic)
     for column, name in enumerate(LABEL_COLUMNS[2:], start=2):
         labels[rows, column] = chosen[:, _ATTR_INDEX[name]]
     return VoxelTable(image_coords, labels, LABEL_COLUMNS)
 
 
 def parse_cluster3d_clean(event: Event, cluster_event: str, sparse_event: str, *,
-                          instance_column: str = "group_id", spatial_shape=None,
+                          instance_column: str = "group_id",
+                          missing_semantic: int = UNLABELLED_SEMANTIC, spatial_shape=None,
                           out_of_range: str = "error") -> VoxelTable:
     """Label every image voxel with the cluster that deposited the most energy in it.
 
@@ -361,6 +365,9 @@ def parse_cluster3d_clean(event: Event, cluster_event: str, sparse_event: str, *
       sparse_event: the image product, ``sparse3d_<name>``; it fixes the output rows.
       instance_column: the cluster attribute used as ``instance``: ``group_id`` (the
         particle, default), ``fragment_id`` or ``interaction_id``.
+      missing_semantic: the class of clusters whose ``semantic_type`` is -1. The default
+        ``UNLABELLED_SEMANTIC`` leaves them out of clustering, and a class in 0-4
+        clusters files without semantic labels class-agnostically.
       spatial_shape: grid for the range check; default ``event.spatial_shape``.
       out_of_range: ``error`` or ``drop``, as in ``parse_sparse3d_scn``.
 
@@ -370,16 +377,19 @@ def parse_cluster3d_clean(event: Event, cluster_event: str, sparse_event: str, *
     """
     return _parse_cluster_clean(event, cluster_event, sparse_event, dimension=3,
                                 parser="parse_cluster3d_clean", instance_column=instance_column,
-                                spatial_shape=spatial_shape, out_of_range=out_of_range)
+                                missing_semantic=missing_semantic, spatial_shape=spatial_shape,
+                                out_of_range=out_of_range)
 
 
 def parse_cluster2d_clean(event: Event, cluster_event: str, sparse_event: str, *,
-                          instance_column: str = "group_id", spatial_shape=None,
+                          instance_column: str = "group_id",
+                          missing_semantic: int = UNLABELLED_SEMANTIC, spatial_shape=None,
                           out_of_range: str = "error") -> VoxelTable:
     """Label every image pixel of a 2D event like ``parse_cluster3d_clean``."""
     return _parse_cluster_clean(event, cluster_event, sparse_event, dimension=2,
                                 parser="parse_cluster2d_clean", instance_column=instance_column,
-                                spatial_shape=spatial_shape, out_of_range=out_of_range)
+                                missing_semantic=missing_semantic, spatial_shape=spatial_shape,
+                                out_of_range=out_of_range)
 
 
 # ---------------------------------------------------------------------------------------
@@ -507,21 +517,25 @@ def parse_sparse2d_scn_scales(event: Event, sparse_event: str, *, num_scales: in
 
 def parse_cluster3d_scales(event: Event, cluster_event: str, sparse_event: str, *,
                            num_scales: int, instance_column: str = "group_id",
-                           spatial_shape=None, out_of_range: str = "error") -> list[VoxelTable]:
+                           missing_semantic: int = UNLABELLED_SEMANTIC, spatial_shape=None,
+                           out_of_range: str = "error") -> list[VoxelTable]:
     """Label the 3D image at every scale: ``parse_cluster3d_clean``, then ``downsample_labels``."""
     table = parse_cluster3d_clean(event, cluster_event, sparse_event,
-                                  instance_column=instance_column, spatial_shape=spatial_shape,
-                                  out_of_range=out_of_range)
+                                  instance_column=instance_column,
+                                  missing_semantic=missing_semantic,
+                                  spatial_shape=spatial_shape, out_of_range=out_of_range)
     return downsample_labels(table, num_scales)
 
 
 def parse_cluster2d_scales(event: Event, cluster_event: str, sparse_event: str, *,
                            num_scales: int, instance_column: str = "group_id",
-                           spatial_shape=None, out_of_range: str = "error") -> list[VoxelTable]:
+                           missing_semantic: int = UNLABELLED_SEMANTIC, spatial_shape=None,
+                           out_of_range: str = "error") -> list[VoxelTable]:
     """Label the 2D image at every scale: ``parse_cluster2d_clean``, then ``downsample_labels``."""
     table = parse_cluster2d_clean(event, cluster_event, sparse_event,
-                                  instance_column=instance_column, spatial_shape=spatial_shape,
-                                  out_of_range=out_of_range)
+                                  instance_column=instance_column,
+                                  missing_semantic=missing_semantic,
+                                  spatial_shape=spatial_shape, out_of_range=out_of_range)
     return downsample_labels(table, num_scales)
 
 
