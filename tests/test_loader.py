@@ -482,3 +482,22 @@ def test_no_leftover_threads():
             break
         time.sleep(0.05)
     assert not extra
+
+
+def test_batch_feeds_pmap_cluster_index():
+    import jax
+
+    from jaxcluster.losses.segments import cluster_index
+
+    loader = make_loader(make_events(5, seed=6), batch_size=4)
+    batch = next(loader)
+    slots = loader.slots_per_device
+
+    def num_clusters(device_batch):
+        index = cluster_index(device_batch["coords"][:, 0], device_batch["semantic"][0],
+                              device_batch["instance"][0], device_batch["valid"],
+                              batch_size=slots, max_clusters=32)
+        return index.num_clusters
+
+    counts = jax.pmap(num_clusters)(batch)
+    assert np.asarray(counts).tolist() == count_clusters(batch).tolist()
