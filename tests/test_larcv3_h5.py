@@ -237,7 +237,7 @@ def small_3d(tmp_path):
         # Event 2: one cluster at the grid's far corner.
         ([((0, 0, 0), 4.0), ((3, 4, 5), 3.0)], [[((0, 0, 0), 4.0), ((3, 4, 5), 3.0)]]),
     ]
-    particles = [[(1, 2212), (0, 11), (2, 11)], [], [(1, 13)]]
+    particles = [[(1, 2212), (0, 11), (2, -11)], [], [(1, -13)]]
     path = tmp_path / "small3d.h5"
     write_file(path, shape, events, particles)
     return path, shape, events
@@ -268,10 +268,11 @@ def test_small_3d_particle_labels(small_3d):
     with LArCV3Reader(path, "img", "seg", dimension=3, particle_product="truth") as reader:
         first = reader.read(0)
         last = reader.read(2)
-    # Clusters 0 and 2 are non-empty and take particles 0 and 2 (track proton, shower e-).
-    assert first.cluster_attrs.tolist() == [[0, 0, -1, 1, 2212], [2, 2, -1, 2, 11]]
+    # Clusters 0 and 2 are non-empty and take particles 0 and 2: a proton track
+    # (type 4) and a positron with larcv shape 2 (type 1, since e+ and e- share it).
+    assert first.cluster_attrs.tolist() == [[0, 0, -1, 1, 4], [2, 2, -1, 2, 1]]
     assert first.cluster_row.tolist() == [0, 0, 1]
-    assert last.cluster_attrs.tolist() == [[0, 0, -1, 1, 13]]
+    assert last.cluster_attrs.tolist() == [[0, 0, -1, 1, 2]]
 
 
 def test_small_3d_empty_event(small_3d):

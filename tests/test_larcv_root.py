@@ -12,7 +12,7 @@ import pytest
 
 from jaxcluster.data.larcv_root import (LArCVRootFormatError, LArCVRootReader,
                                         parse_voxel_set_arrays, parse_voxel_vectors,
-                                        sum_duplicate_voxels)
+                                        particle_type_from_pdg, sum_duplicate_voxels)
 
 uproot = pytest.importorskip("uproot")
 
@@ -168,7 +168,7 @@ def test_read_event_labels(reader, index):
     assert event.cluster_coords.shape == (num_rows, 3)
     np.testing.assert_array_equal(np.bincount(event.cluster_row, minlength=2), ROWS_3D[index])
     # One proton instance plus the leftover set, which has every attribute -1.
-    assert event.cluster_attrs.tolist() == [[0, 0, -1, 1, 2212], [-1, -1, -1, -1, -1]]
+    assert event.cluster_attrs.tolist() == [[0, 0, -1, 1, 4], [-1, -1, -1, -1, -1]]
     assert event.meta["leftover_cluster"] == 1
     assert event.meta["event"] == index + 1
     assert event.spatial_shape == (172, 89, 154)
@@ -243,7 +243,7 @@ def test_read2d_planes(reader, index):
         assert event.image_coords.shape == (sum(rows), 2)
         assert event.cluster_coords.shape == (sum(rows), 2)
         np.testing.assert_array_equal(np.bincount(event.cluster_row, minlength=2), rows)
-        assert event.cluster_attrs.tolist() == [[0, 0, -1, 1, 2212], [-1, -1, -1, -1, -1]]
+        assert event.cluster_attrs.tolist() == [[0, 0, -1, 1, 4], [-1, -1, -1, -1, -1]]
         assert np.all(event.image_coords >= 0)
         assert np.all(event.image_coords < 512)
         assert event.meta["projection"] == plane
@@ -287,6 +287,11 @@ def test_without_particle_tree(root_path):
         event = unlabelled.read(1)
     assert event.cluster_attrs.tolist() == [[-1] * 5, [-1] * 5]
     assert event.meta["leftover_cluster"] is None
+
+
+def test_particle_type_from_pdg():
+    codes = np.array([22, 11, -11, 13, -13, 211, -211, 2212, 2112, 111, 2000000101])
+    assert particle_type_from_pdg(codes).tolist() == [0, 1, 1, 2, 2, 3, 3, 4, -1, -1, -1]
 
 
 def test_event_index_out_of_range(reader):

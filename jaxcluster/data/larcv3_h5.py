@@ -25,6 +25,7 @@ import os
 import numpy as np
 
 from jaxcluster.data.event import CLUSTER_ATTR_NAMES, Event
+from jaxcluster.data.larcv_root import particle_type_from_pdg
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +286,8 @@ class LArCV3Reader:
 
         fragment_id and group_id are the cluster id: the file stores no grouping, so
         each cluster is its own instance. With a particle product, cluster i takes the
-        larcv shape (semantic type) and PDG code (particle type) of particle i. A
+        larcv shape (semantic type) and the ``particle_type_from_pdg`` class of the
+        PDG code (particle type) of particle i. A
         cluster past the last particle keeps -1 there. interaction_id is always -1.
         """
         attrs = np.full((len(cluster_ids), len(CLUSTER_ATTR_NAMES)), -1, np.int64)
@@ -301,7 +303,7 @@ class LArCV3Reader:
                 f"larcv shape types 0-{_MAX_SHAPE_TYPE}")
         owned = cluster_ids < len(records)
         attrs[owned, _SEMANTIC] = shape[cluster_ids[owned]]
-        attrs[owned, _PARTICLE_TYPE] = records["pdg"][cluster_ids[owned]].astype(np.int64)
+        attrs[owned, _PARTICLE_TYPE] = particle_type_from_pdg(records["pdg"][cluster_ids[owned]])
         return attrs
 
     def read(self, index: int) -> Event:

@@ -60,6 +60,17 @@ PARTICLE_FIELDS = ("id", "shape", "trackid", "pdg", "parent_trackid", "parent_pd
 
 _FRAGMENT, _GROUP, _INTERACTION, _SEMANTIC, _PARTICLE_TYPE = range(len(CLUSTER_ATTR_NAMES))
 
+# Particle type classes of lartpc_mlreco3d: 0 photon, 1 electron, 2 muon, 3 charged pion,
+# 4 proton. Every other PDG code maps to -1 (label ids must be >= 0 or -1, so a raw PDG
+# code such as -11 cannot be stored as a label).
+PDG_TO_PARTICLE_TYPE = {22: 0, 11: 1, -11: 1, 13: 2, -13: 2, 211: 3, -211: 3, 2212: 4}
+
+
+def particle_type_from_pdg(pdg: np.ndarray) -> np.ndarray:
+    """Map PDG codes ``[P]`` to ``[P] int64`` particle type classes (-1 for others)."""
+    return np.array([PDG_TO_PARTICLE_TYPE.get(int(code), -1) for code in np.ravel(pdg)],
+                    np.int64)
+
 
 class LArCVRootFormatError(ValueError):
     """A LArCV2 ROOT file, tree or payload does not have the expected layout."""
@@ -189,8 +200,8 @@ class _ByteCursor:
         if not byte_count & _BYTE_COUNT_FLAG:
             raise LArCVRootFormatError(
                 f"{self.source}: {field_name} byte count 0x{byte_count:08x} at offset "
-                f"{start} lacks the flag 0x{_BYTE_COUNT_FLAG:08x}; this is not a ROOT object header, so "
-                "the branch is not a member-wise larcv::Voxel payload")
+                f"{start} lacks the flag 0x{_BYTE_COUNT_FLAG:08x}, so it is not a ROOT "
+                "object header and the branch is not a member-wise larcv::Voxel payload")
         end = start + 4 + (byte_count & ~_BYTE_COUNT_FLAG)
         if end > self.data.size:
             raise LArCVRootFormatError(
@@ -574,7 +585,8 @@ class LArCVRootReader:
         leftover deposits) gets -1 in every column, so its voxels are in the image but
         in no instance. The file stores no group or interaction ids: each particle is
         its own group (group_id = fragment_id) and interaction_id is -1. The semantic
-        type is the particle's larcv shape and the particle type its PDG code.
+        type is the particle's larcv shape, and the particle type is
+        ``particle_type_from_pdg`` of its PDG code (the raw codes stay in ``meta``).
         """
         attrs = np.full((num_sets, len(CLUSTER_ATTR_NAMES)), -1, np.int64)
         if self.particle_tree is None:
@@ -596,7 +608,7 @@ class LArCVRootReader:
         attrs[particle_rows, _FRAGMENT] = particle_rows
         attrs[particle_rows, _GROUP] = particle_rows
         attrs[particle_rows, _SEMANTIC] = shape
-        attrs[particle_rows, _PARTICLE_TYPE] = records["pdg"].astype(np.int64)
+        attrs[particle_rows, _PARTICLE_TYPE] = particle_type_from_pdg(records["pdg"])
         return attrs, records
 
     def _event_from_sets(self, index, voxel_sets, ids_to_coords, spatial_shape, source, meta):
