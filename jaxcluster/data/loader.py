@@ -473,8 +473,10 @@ class Loader:
             self._stop_worker()
             raise payload
         epoch, step, batch = payload
-        self._epoch, self._position = (epoch, step + 1) if step + 1 < self.steps_per_epoch \
-            else (epoch + 1, 0)
+        if step + 1 < self.steps_per_epoch:
+            self._epoch, self._position = epoch, step + 1
+        else:
+            self._epoch, self._position = epoch + 1, 0
         return batch
 
     def _next_item(self):
