@@ -273,6 +273,7 @@ def test_small_3d_particle_labels(small_3d):
     assert first.cluster_attrs.tolist() == [[0, 0, -1, 1, 4], [2, 2, -1, 2, 1]]
     assert first.cluster_row.tolist() == [0, 0, 1]
     assert last.cluster_attrs.tolist() == [[0, 0, -1, 1, 2]]
+    assert first.meta["particles"]["pdg"].tolist() == [2212, 11, -11]
 
 
 def test_small_3d_empty_event(small_3d):

@@ -312,8 +312,8 @@ class LArCV3Reader:
         The image is the ``sparse`` product (rows as stored); the labelled voxels are
         the non-empty clusters, cluster row k being ``cluster_attrs`` row k. ``meta``
         contains ``origin`` and ``voxel_size`` (in the meta's units), ``projection``,
-        ``cluster_ids`` (the file's id of each row of ``cluster_attrs``) and the
-        run/subrun/event ids.
+        ``cluster_ids`` (the file's id of each row of ``cluster_attrs``), the particle
+        records (or None) and the run/subrun/event ids.
         """
         index = self._check_index(index)
         source = self._source(index)
@@ -343,6 +343,8 @@ class LArCV3Reader:
 
         meta = dict(origin=grid["origin"], voxel_size=grid["voxel_size"],
                     projection=self.projection, cluster_ids=cluster_ids,
+                    particles=(self.particles(index) if self.particle_group is not None
+                               else None),
                     **self.event_id(index))
         return Event(image_coords=image_coords, image_values=values,
                      cluster_coords=cluster_coords.astype(np.int32),
