@@ -37,7 +37,9 @@ class ToyModel(nn.Module):
         tensor = input_tensor(batch, TOY_SPATIAL_SHAPE)
         position = tensor.coords[:, 1:].astype(jnp.float32) / jnp.asarray(TOY_SPATIAL_SHAPE)
         inputs = jnp.concatenate([tensor.features, position], axis=-1)
-        hidden = nn.Dense(self.hidden, name="encoder")(inputs)
+        # No bias: batch norm removes it, and its near-zero gradient would be noise that
+        # Adam scales up to full-size steps.
+        hidden = nn.Dense(self.hidden, use_bias=False, name="encoder")(inputs)
         hidden = BatchNorm(axis_name=self.axis_name, name="norm")(
             tensor.replace_features(hidden), train).features
         hidden = nn.relu(hidden)
