@@ -482,7 +482,11 @@ def generate_event(config: GeneratorConfig, seed: int, index: int) -> GeneratedE
     else:
         position, energy, length = np.zeros((0, 3)), np.zeros(0), np.zeros(0)
         cluster, time_ns = np.zeros(0, np.int64), np.zeros(0)
-    coords = np.floor(position[:, :config.dimension] / config.voxel_cm).astype(np.int64)
+    coords = np.floor(position / config.voxel_cm).astype(np.int64)
+    # Cut at the faces of the 3D volume before a 2D projection drops z.
+    inside = np.all((coords >= 0) & (coords < config.spatial_size), axis=1)
+    coords, cluster, energy = coords[inside, :config.dimension], cluster[inside], energy[inside]
+    length, time_ns = length[inside], time_ns[inside]
     return label_voxels(coords, cluster, energy, length, time_ns, config.spatial_size,
                         builder.clusters, config.voxel_threshold_mev)
 

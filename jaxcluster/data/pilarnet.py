@@ -170,6 +170,19 @@ class PILArNetReader:
     def __len__(self) -> int:
         return self._num_events
 
+    def close(self):
+        """Close this process's file handle; the next read opens it again."""
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+        self._pid = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_file"] = None
