@@ -12,8 +12,9 @@ Algorithm per group:
    of highest seediness with ``s >= seed_threshold`` (ties go to the lowest row). Its
    own embedding and margin define the kernel
    ``p(x) = exp(-sum_d (x_d - e_seed,d)^2 / (2 sigma_seed,d^2))``, the kernel that the
-   spatial-embedding loss trains. Every unassigned voxel of the group with
-   ``p >= probability_threshold`` joins the new cluster, and the seed joins it always.
+   spatial-embedding loss trains (its isotropic and ellipse kernels). Every unassigned
+   voxel of the group with ``p >= probability_threshold`` joins the new cluster, and
+   the seed joins it always.
    When no unassigned voxel passes the seed threshold, seeding stops. This includes
    the case where no voxel of the group reaches it, and then the group has no cluster.
 2. Minimum size. A cluster with fewer than ``min_size`` voxels is dissolved: its kernel
@@ -22,6 +23,9 @@ Algorithm per group:
    ``reassign_threshold`` is set. In that case each unclaimed voxel joins the surviving
    kernel of highest probability when that probability is ``>= reassign_threshold``.
    Reassignment only grows clusters, so none falls below ``min_size`` again.
+
+NOTE: the loss's full-covariance kernel has no counterpart here yet. A model trained
+with it is clustered with the per-axis margins only.
 
 Thresholds and ``min_size`` are per class. Output instance ids are contiguous per event,
 ordered by class and then by seeding order.
