@@ -56,7 +56,11 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int):
         self.directory = os.path.abspath(os.fspath(directory))
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Registering the handlers up front lets a fresh manager (a resumed run) read the
+        # metadata of items it has not saved itself.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -82,6 +86,10 @@ class Checkpointer:
         """
         target = jax.tree_util.tree_map(np.asarray, target)
         metadata = self._manager.item_metadata(step)["state"]
+        if metadata is None:
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory}/{step} has no readable 'state' item; it was not "
+                "written by this training loop. Use a new --workdir.")
         stored = _signature(getattr(metadata, "tree", metadata))
         expected = _signature(target)
         mismatch = describe_mismatch(stored, expected)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from flax import struct
 from flax.training import train_state
@@ -26,13 +27,16 @@ class TrainState(train_state.TrainState):
 def create_train_state(variables: Any, tx: optax.GradientTransformation, rng: jax.Array,
                        apply_fn=None) -> TrainState:
     """Build the step-0 state from the model's initial ``variables``."""
-    return TrainState.create(
+    state = TrainState.create(
         apply_fn=apply_fn,
         params=variables["params"],
         tx=tx,
         batch_stats=variables.get("batch_stats", {}),
         rng=rng,
     )
+    # A Python 0 would be stored as int64 on the host but comes back from the device as
+    # int32; fixing the dtype keeps checkpoints of fresh and resumed runs identical.
+    return state.replace(step=np.zeros((), np.int32))
 
 
 def count_parameters(params: Any) -> int:

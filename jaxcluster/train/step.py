@@ -56,7 +56,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
     grads = parallel.reduce_gradients(grads, axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats, rng=rng)
 
-    metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
     return new_state, parallel.reduce_metrics(metrics, axis_name)
 
 
