@@ -19,21 +19,34 @@ from jaxcluster.sparse.kernel_map import KernelMap, MapCache
 from jaxcluster.sparse.tensor import SparseTensor
 
 
-def _gather_rows(features, table):
-    """``features [cap, C]`` rows picked by ``table [K, cap_out]``; the sentinel gives zeros.
+def _with_zero_row(features):
+    """Append the zero row that the sentinel index (the capacity) points at."""
+    return jnp.concatenate([features, jnp.zeros((1,) + features.shape[1:], features.dtype)])
 
-    Returns ``[cap_out, K, C]``.
-    """
-    padded = jnp.concatenate([features, jnp.zeros((1,) + features.shape[1:], features.dtype)])
-    return jnp.take(padded, table.T, axis=0, mode="clip")
+
+def _take(padded, rows):
+    # Every index is in [0, cap]: the sentinel cap addresses the appended zero row.
+    return padded.at[rows].get(mode="promise_in_bounds")
 
 
 def _contract(features, table, kernel):
-    """``sum_k features[table[k]] @ kernel[k]`` as one matmul over the stacked offsets."""
-    gathered = _gather_rows(features, table)
-    num_rows = table.shape[1]
-    flat = gathered.reshape(num_rows, -1)
-    return flat @ kernel.reshape(-1, kernel.shape[-1])
+    """``sum_k features[table[k]] @ kernel[k]``, one gather and matmul per offset.
+
+    Measured on 2 CPU cores, per-offset accumulation beat one matmul over the stacked
+    ``[cap, K * C_in]`` gather by about 2x, and it never holds that block in memory.
+    """
+    padded = _with_zero_row(features)
+    out = jnp.zeros((table.shape[1], kernel.shape[-1]), jnp.result_type(features, kernel))
+    for offset in range(table.shape[0]):
+        out = out + _take(padded, table[offset]) @ kernel[offset]
+    return out
+
+
+def _kernel_gradient(features, table, d_out):
+    """``d_W[k] = features[table[k]]^T @ d_out``, recomputing each gather."""
+    padded = _with_zero_row(features)
+    return jnp.stack([_take(padded, table[offset]).T @ d_out
+                      for offset in range(table.shape[0])])
 
 
 @jax.custom_vjp
@@ -60,8 +73,7 @@ def _gather_conv_forward(features, kernel, forward, backward):
 def _gather_conv_backward(residuals, d_out):
     features, kernel, forward, backward = residuals
     d_features = _contract(d_out, backward, jnp.swapaxes(kernel, 1, 2))
-    gathered = _gather_rows(features, forward)  # recomputed, not stored
-    d_kernel = jnp.einsum("ykc,yd->kcd", gathered, d_out)
+    d_kernel = _kernel_gradient(features, forward, d_out)
     return d_features.astype(features.dtype), d_kernel.astype(kernel.dtype), None, None
 
 
