@@ -9,6 +9,10 @@ import pytest
 
 from jaxcluster.losses.lovasz import lovasz_hinge, lovasz_hinge_batched
 
+# Jitted once per shape: eager dispatch of every small op costs more than the compile.
+hinge = jax.jit(lovasz_hinge)
+hinge_value_and_grad = jax.jit(jax.value_and_grad(lovasz_hinge))
+
 
 def jaccard_loss_of_set(mispredicted, truth):
     """Jaccard loss when the rows in ``mispredicted`` are wrong: 1 - |G - S| / |G u S|."""
@@ -54,7 +58,7 @@ def test_hinge_matches_permutation_reference(seed):
     rng = np.random.default_rng(seed)
     logits, labels, valid = random_case(rng, num_rows=8, num_valid=6, positive_fraction=0.5)
     expected = lovasz_hinge_reference(logits, labels, valid)
-    got = float(lovasz_hinge(logits, labels, valid))
+    got = float(hinge(logits, labels, valid))
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
@@ -73,7 +77,7 @@ def test_hinge_hard_masks(case):
     elif case == "ties":
         logits = np.array([0.5, 0.5, -0.5, -0.5, 0.5, -0.5], np.float32)
     expected = lovasz_hinge_reference(logits, labels, valid)
-    assert float(lovasz_hinge(logits, labels, valid)) == pytest.approx(expected, rel=1e-5,
+    assert float(hinge(logits, labels, valid)) == pytest.approx(expected, rel=1e-5,
                                                                         abs=1e-6)
 
 
@@ -81,12 +85,12 @@ def test_hinge_all_negative_is_largest_error():
     logits = np.array([-2.0, 0.3, -0.1], np.float32)
     labels = np.zeros(3, bool)
     valid = np.ones(3, bool)
-    assert float(lovasz_hinge(logits, labels, valid)) == pytest.approx(1.3, rel=1e-6)
+    assert float(hinge(logits, labels, valid)) == pytest.approx(1.3, rel=1e-6)
 
 
 def test_hinge_confident_negatives_give_zero():
     logits = np.full(4, -3.0, np.float32)
-    loss, grad = jax.value_and_grad(lovasz_hinge)(logits, np.zeros(4, bool), np.ones(4, bool))
+    loss, grad = hinge_value_and_grad(logits, np.zeros(4, bool), np.ones(4, bool))
     assert float(loss) == 0.0
     assert np.all(np.asarray(grad) == 0.0)
 
@@ -98,8 +102,8 @@ def test_hinge_gradient_finite_and_padding_ignored(num_valid):
                                         positive_fraction=0.4)
     poisoned = logits.copy()
     poisoned[~valid] = np.nan
-    loss, grad = jax.value_and_grad(lovasz_hinge)(poisoned, labels, valid)
-    clean_loss = lovasz_hinge(logits, labels, valid)
+    loss, grad = hinge_value_and_grad(poisoned, labels, valid)
+    clean_loss = hinge(logits, labels, valid)
     assert np.isfinite(float(loss))
     assert float(loss) == pytest.approx(float(clean_loss), abs=1e-7)
     assert np.all(np.isfinite(np.asarray(grad)))
@@ -113,7 +117,7 @@ def test_hinge_gradient_matches_finite_differences():
     logits = rng.normal(size=6)
     labels = rng.random(6) < 0.5
     valid = np.ones(6, bool)
-    grad = np.asarray(jax.grad(lovasz_hinge)(jnp.asarray(logits, jnp.float32), labels, valid))
+    grad = np.asarray(hinge_value_and_grad(jnp.asarray(logits, jnp.float32), labels, valid)[1])
     step = 1e-3
     for i in range(6):
         up, down = logits.copy(), logits.copy()
@@ -128,8 +132,8 @@ def test_hinge_invariant_to_row_order():
     rng = np.random.default_rng(8)
     logits, labels, valid = random_case(rng, num_rows=30, num_valid=25, positive_fraction=0.3)
     perm = rng.permutation(30)
-    assert float(lovasz_hinge(logits, labels, valid)) == pytest.approx(
-        float(lovasz_hinge(logits[perm], labels[perm], valid[perm])), rel=1e-6)
+    assert float(hinge(logits, labels, valid)) == pytest.approx(
+        float(hinge(logits[perm], labels[perm], valid[perm])), rel=1e-6)
 
 
 def test_batched_matches_single_and_jit():
@@ -139,12 +143,12 @@ def test_batched_matches_single_and_jit():
     valid = rng.random((4, 9)) < 0.8
     valid[2] = False
     labels[3] = False
-    batched = np.asarray(lovasz_hinge_batched(logits, labels, valid))
+    eager = np.asarray(lovasz_hinge_batched(logits, labels, valid))
     jitted = np.asarray(jax.jit(lovasz_hinge_batched)(logits, labels, valid))
     for m in range(4):
-        assert batched[m] == pytest.approx(float(lovasz_hinge(logits[m], labels[m], valid[m])),
-                                           abs=1e-6)
-    np.testing.assert_allclose(jitted, batched, rtol=1e-6, atol=1e-7)
+        assert jitted[m] == pytest.approx(float(hinge(logits[m], labels[m], valid[m])),
+                                          abs=1e-6)
+    np.testing.assert_allclose(eager, jitted, rtol=1e-6, atol=1e-7)
 
 
 def test_batched_shared_valid_row():
@@ -152,7 +156,7 @@ def test_batched_shared_valid_row():
     logits = rng.normal(size=(3, 6)).astype(np.float32)
     labels = rng.random((3, 6)) < 0.5
     valid = np.array([True, True, False, True, True, True])
-    got = np.asarray(lovasz_hinge_batched(logits, labels, valid))
+    got = np.asarray(jax.jit(lovasz_hinge_batched)(logits, labels, valid))
     for m in range(3):
         assert got[m] == pytest.approx(lovasz_hinge_reference(logits[m], labels[m], valid),
                                        rel=1e-5, abs=1e-6)
