@@ -147,9 +147,9 @@ def test_workers_do_not_change_events():
     serial = list(generator.generate_events(config, 3, 6, workers=1))
     parallel = list(generator.generate_events(config, 3, 6, workers=2))
     assert len(parallel) == 6
-    for one, two in zip(serial, parallel):
-        np.testing.assert_array_equal(one.points, two.points)
-        np.testing.assert_array_equal(one.clusters, two.clusters)
+    for serial_event, parallel_event in zip(serial, parallel):
+        np.testing.assert_array_equal(serial_event.points, parallel_event.points)
+        np.testing.assert_array_equal(serial_event.clusters, parallel_event.clusters)
 
 
 def test_two_dimensional_projection_sums_energy():

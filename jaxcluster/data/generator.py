@@ -1,6 +1,6 @@
 """PILArNet-like event generator: particles in liquid argon, voxelised and labelled.
 
-An event holds a few neutrino-like vertices (1-10 particles each) and cosmic-like
+An event contains a few neutrino-like vertices (1-10 particles each) and cosmic-like
 single particles. ``physics.py`` transports each particle into energy deposits; this
 module voxelises them on a grid of 3 mm voxels and builds the PILArNet-M rows that
 ``pilarnet.py`` writes:
@@ -72,7 +72,7 @@ SEMANTIC_NAMES = ("shower", "track", "michel", "delta", "low_energy")
 PDG_ELECTRON, PDG_PHOTON, PDG_MUON, PDG_PION, PDG_PROTON = 11, 22, 13, 211, 2212
 REFERENCE_SPATIAL_SIZE = 768
 LOW_ENERGY_ROW = 0
-# Photons below this energy are photo-absorbed where they stand.
+# Photons below this energy are photo-absorbed at their interaction point.
 PHOTO_ABSORPTION_MEV = 0.1
 
 _MASS = {PDG_MUON: physics.MUON_MASS, PDG_PION: physics.PION_MASS,
@@ -440,8 +440,7 @@ def label_voxels(coords, cluster, energy, length, time_ns, spatial_size, cluster
 
     attrs = np.asarray(cluster_attrs, np.int64).reshape(-1, 4)
     counts = np.bincount(owner, minlength=len(attrs))
-    kept = np.flatnonzero(counts > 0)
-    kept = np.union1d(kept, [LOW_ENERGY_ROW])
+    kept_rows = np.union1d(np.flatnonzero(counts > 0), [LOW_ENERGY_ROW])
 
     order = np.lexsort((voxel_key, owner))
     voxel_coords = np.stack(np.unravel_index(voxel_key[order], (spatial_size,) * dimension), axis=1)
@@ -453,10 +452,10 @@ def label_voxels(coords, cluster, energy, length, time_ns, spatial_size, cluster
     points[:, 6] = voxel_energy[order] * physics.RECOMBINATION_SURVIVAL / physics.W_ION_MEV
     points[:, 7] = voxel_length[order]
 
-    clusters = np.zeros((len(kept), 6), np.float32)
-    clusters[:, 0] = counts[kept]
+    clusters = np.zeros((len(kept_rows), 6), np.float32)
+    clusters[:, 0] = counts[kept_rows]
     group_ids, interaction_ids, fragment = {}, {}, 0
-    for row, source in enumerate(kept):
+    for row, source in enumerate(kept_rows):
         group, interaction, semantic, pdg = attrs[source]
         if source == LOW_ENERGY_ROW:
             clusters[row, 1:] = (-1, -1, -1, semantic, pdg)

@@ -52,7 +52,7 @@ PION_DECAY_MUON_KINETIC_MEV = 4.12
 # CSDA range of muons in liquid argon, [kinetic energy MeV, range g/cm^2], a subset of
 # the PUMAS v1.0 table (github.com/niess/pumas-materials, dedx/muon/liquid_argon.txt,
 # I = 188 eV, Sternheimer density effect). Other masses use velocity scaling, which
-# holds while radiative losses are negligible (below about 100 GeV for muons):
+# is valid while radiative losses are negligible (below about 100 GeV for muons):
 # R_m(T) = (m / m_mu) R_mu(T m_mu / m).
 _MUON_RANGE_TABLE = np.array([
     [1.0, 0.01461], [2.0, 0.05456], [3.0, 0.1144], [5.0, 0.2876], [7.0, 0.5256],
@@ -217,8 +217,8 @@ def sample_along(vertices, directions, segment_length, step_cm):
 def fluctuate(rng, energy, shape=3.0):
     """Multiply ``energy`` by Gamma(shape) / shape noise (mean 1, rms 1/sqrt(shape)).
 
-    NOTE: a Gamma distribution stands in for the Landau fluctuation of thin layers; it
-    keeps the mean deposit but lacks the long Landau tail.
+    NOTE: a Gamma distribution replaces the Landau fluctuation of thin layers. It keeps
+    the mean deposit but lacks the long Landau tail.
     """
     return energy * rng.gamma(shape, 1.0 / shape, size=np.shape(energy))
 
@@ -384,7 +384,7 @@ def pair_conversion_probability(photon_energy):
     """Share of photon interactions in argon that are pair conversions.
 
     NOTE: a smooth step that crosses one half at 10 MeV, where pair production and
-    Compton scattering in argon have similar cross-sections; it is an approximation,
+    Compton scattering in argon have similar cross-sections. It is an approximation,
     not a fit to tabulated cross-sections.
     """
     if photon_energy <= 2.0 * ELECTRON_MASS:

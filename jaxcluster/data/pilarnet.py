@@ -10,7 +10,7 @@ Layout (one row per event in each dataset, variable-length float32):
   type. Release v1 files have ``[K, 5]`` rows without the particle type.
 
 The points come in contiguous blocks, one per cluster row and in row order, with the
-low-energy block first; the point counts of the cluster rows add up to N.
+low-energy block first. The point counts of the cluster rows add up to N.
 
 File attributes written here (the reader needs none of them): ``spatial_size``,
 ``dimension`` (2 means x, y pixels with z = 0), ``cluster_columns`` (6),
