@@ -18,19 +18,19 @@ def _train_rows(workdir):
 
 def test_fixed_batch_loss_decreases(tmp_path):
     state, _ = testing.run_toy_training(
-        tmp_path, ["train.num_steps=25", "optimizer.learning_rate=0.03", "train.eval_every_steps=25",
+        tmp_path, ["train.num_steps=15", "optimizer.learning_rate=0.05", "train.eval_every_steps=15",
                    "train.eval_num_batches=2"], fixed=True, with_eval=True)
     rows = _train_rows(tmp_path)
     losses = [float(row["loss"]) for row in rows]
-    assert [int(row["step"]) for row in rows] == list(range(1, 26))
+    assert [int(row["step"]) for row in rows] == list(range(1, 16))
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.5 * losses[0]
-    assert int(state.step) == 25
+    assert int(state.step) == 15
     for column in ("pull", "distance", "grad_norm", "learning_rate", "data_time_s",
                    "step_time_s", "epoch", "device_memory_bytes"):
         assert column in rows[0]
     evaluation = logger.read_csv(tmp_path / logger.EVAL_CSV)
-    assert [row["step"] for row in evaluation] == ["25"]
+    assert [row["step"] for row in evaluation] == ["15"]
     assert np.isfinite(float(evaluation[0]["loss"]))
     assert (tmp_path / "config.json").is_file()
     assert list((tmp_path / logger.TENSORBOARD_DIR).iterdir())
@@ -64,6 +64,38 @@ def test_same_seed_same_parameters(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, first.params, second.params)
 
 
+def test_checkpointer_rejects_other_shapes(tmp_path):
+    checkpointer = Checkpointer(tmp_path, max_to_keep=2)
+    saved = {"params": {"dense": {"kernel": np.ones((4, 8), np.float32)}}, "step": np.int32(1)}
+    checkpointer.save(1, saved, {"position": 1})
+    checkpointer.wait()
+    restored, data_state = checkpointer.restore(1, saved)
+    np.testing.assert_array_equal(restored["params"]["dense"]["kernel"], np.ones((4, 8)))
+    assert data_state == {"position": 1}
+    other = {"params": {"dense": {"kernel": np.ones((4, 5), np.float32)},
+                        "extra": {"bias": np.zeros(2, np.float32)}}, "step": np.int32(0)}
+    with pytest.raises(checkpoint.CheckpointMismatchError) as error:
+        checkpointer.restore(1, other)
+    message = str(error.value)
+    assert "params/dense/kernel: checkpoint ((4, 8), 'float32'), model ((4, 5), 'float32')" in message
+    assert "params/extra/bias: in the model" in message
+    checkpointer.close()
+
+
+def test_check_step_errors():
+    checkpointer = type("NoCheckpoints", (), {"wait": lambda self: None,
+                                              "latest_step": lambda self: None,
+                                              "directory": "runs/x"})()
+    with pytest.raises(loop.ClusterOverflowError, match="clustering_loss.max_clusters"):
+        loop._check_step({"loss": 1.0, "cluster_overflow": True}, 7, checkpointer)
+    with pytest.raises(loop.NonFiniteLossError, match="at step 7.*no checkpoint"):
+        loop._check_step({"loss": 1.0, "grad_norm": float("inf")}, 7, checkpointer)
+    metrics = {"loss": 1.0, "grad_norm": 2.0, "cluster_overflow": False}
+    loop._check_step(metrics, 7, checkpointer)
+    assert "cluster_overflow" not in metrics
+
+
+@pytest.mark.slow
 def test_restore_other_architecture_raises(tmp_path):
     testing.run_toy_training(tmp_path, ["train.num_steps=1"])
     with pytest.raises(checkpoint.CheckpointMismatchError) as error:
@@ -84,11 +116,13 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     assert [row["step"] for row in _train_rows(tmp_path)] == ["1", "2", "3"]
 
 
+@pytest.mark.slow
 def test_cluster_overflow_raises(tmp_path):
     with pytest.raises(loop.ClusterOverflowError, match="clustering_loss.max_clusters"):
         testing.run_toy_training(tmp_path, ["train.num_steps=1"], num_instances=12)
 
 
+@pytest.mark.slow
 def test_freeze_embeddings_trains_distance_branch_only(tmp_path):
     model = testing.ToyModel()
     batch = next(testing.ToyLoader(batch_size=3, num_devices=1))
