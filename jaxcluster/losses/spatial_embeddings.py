@@ -96,12 +96,13 @@ def spatial_embedding_loss(embeddings, sigma, seediness, batch, semantic, instan
       axis_name: ``pmap`` axis to reduce over, or None on one device.
 
     Returns:
-      ``(loss, terms)``: ``loss`` is ``embedding_weight * (mask + inter_weight * inter)
-      + seediness_weight * seed + smoothing_weight * smooth``; ``terms`` is a flat dict
-      of ``[]`` arrays: ``loss``, ``mask_loss``, ``seed_loss``, ``smoothing_loss``,
-      ``inter_loss`` (only when ``inter_weight`` is not 0), ``mean_iou`` of the masks
-      ``p > 0.5`` against the truth, ``num_clusters`` and ``cluster_overflow`` (1.0 when
-      any device had more than ``max_clusters`` clusters).
+      ``(loss, terms)`` with ``loss = embedding_weight * (mask + inter_weight * inter)
+      + seediness_weight * seed + smoothing_weight * smooth``. ``terms`` is a flat dict
+      of ``[]`` arrays: ``loss``, ``mask_loss``, ``seed_loss``, ``smoothing_loss`` and
+      ``inter_loss`` (only when ``inter_weight`` is not 0), unweighted. It also holds
+      ``mean_iou`` of the masks ``p > 0.5`` against the truth, ``num_clusters`` summed
+      over devices, and ``cluster_overflow``, which is 1.0 when any device had more
+      than ``max_clusters`` clusters.
     """
     _check_options(kernel, mask_loss, seed_norm, batch_size, max_clusters, num_classes)
     embeddings, sigma, seediness, batch, semantic, instance, valid, rotation = _check_shapes(
@@ -241,7 +242,11 @@ def cluster_covariance(sigma, rotation, segment, cluster_valid, *, max_clusters:
 
 
 def _log1mexp(x):
-    """Return ``log(1 - exp(-x))`` for ``x > 0``, accurate at both ends (Maechler 2012)."""
+    """Return ``log(1 - exp(-x))`` for ``x > 0``.
+
+    ``expm1`` keeps full precision for small x and ``log1p`` for large x; ln 2 is where
+    the two forms trade places.
+    """
     return jnp.where(x < np.log(2.0), jnp.log(-jnp.expm1(-x)), jnp.log1p(-jnp.exp(-x)))
 
 
@@ -275,8 +280,8 @@ def _mask_loss_per_cluster(mask_loss, q, target, active, focal_gamma):
 def _positive_weights(target, active):
     """Weight positive rows by ``num_negative / num_positive`` of their cluster.
 
-    A cluster that fills its whole group has no negatives; its positives keep weight 1
-    there, because weight 0 would drop the only signal that group gives.
+    A cluster that fills its whole group has no negatives. Its positives keep weight 1,
+    because weight 0 would drop the only signal that group gives.
     """
     positive = (target & active).sum(axis=1)
     negative = (~target & active).sum(axis=1)
@@ -311,7 +316,7 @@ def _mean_over_groups(per_cluster, index: ClusterIndex, axis_name):
 
 
 def _inter_loss(centroids, index: ClusterIndex, margin, axis_name):
-    """Hinge ``max(0, 2 margin - ||C_a - C_b||)^2`` over ordered pairs in each group.
+    """Average ``max(0, 2 margin - ||C_a - C_b||)^2`` over ordered pairs in each group.
 
     A group with a single cluster contributes 0 and still counts as a group.
     """
