@@ -72,6 +72,7 @@ def cluster_index(batch, semantic, instance, valid, *, batch_size: int, max_clus
     num_rows = batch.shape[0]
     num_groups = batch_size * num_classes
     member = valid & (instance >= 0) & (semantic >= 0) & (semantic < num_classes)
+    member &= (batch >= 0) & (batch < batch_size)  # rows outside the event slots join nothing
     group = jnp.where(member, batch * num_classes + semantic, num_groups).astype(jnp.int32)
     inst = jnp.where(member, instance, 0).astype(jnp.int32)
 
