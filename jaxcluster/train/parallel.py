@@ -96,13 +96,20 @@ def training_devices(limit: int = 0) -> list:
     return devices[:limit] if limit else devices
 
 
+def _pmap_devices(devices: Sequence) -> Sequence | None:
+    # pmap's default (None) spans the local devices of every process. An explicit list
+    # makes a mesh of only those devices, so in a multi-process run collectives would
+    # then stop at the process boundary; pass a list only for a one-process subset.
+    return None if list(devices) == jax.local_devices() else devices
+
+
 def replicate(tree: Any, devices: Sequence) -> Any:
     """Copy a host pytree onto ``devices`` (leading axis = ``len(devices)``)."""
     stacked = jax.tree_util.tree_map(
         lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), tree)
     # An identity pmap gives the arrays the same sharding as the step's outputs, so the
     # second step does not compile the step again for a different input sharding.
-    return jax.pmap(lambda x: x, axis_name=AXIS_NAME, devices=devices)(stacked)
+    return jax.pmap(lambda x: x, axis_name=AXIS_NAME, devices=_pmap_devices(devices))(stacked)
 
 
 def unreplicate(tree: Any) -> Any:
@@ -116,7 +123,7 @@ def pmap_step(step_fn: Callable, devices: Sequence, *, donate_state: bool = True
     The state is replicated, the batch carries a leading device axis, and ``step_fn``
     may use collectives over ``AXIS_NAME``.
     """
-    return jax.pmap(step_fn, axis_name=AXIS_NAME, devices=devices,
+    return jax.pmap(step_fn, axis_name=AXIS_NAME, devices=_pmap_devices(devices),
                     donate_argnums=(0,) if donate_state else ())
 
 

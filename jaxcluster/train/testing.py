@@ -176,6 +176,7 @@ def run_toy_training(workdir, overrides=(), *, model=None, with_eval: bool = Fal
     Returns ``(final host state, train loader)``.
     """
     from jaxcluster.train import loop
+    parallel.initialize_distributed()
     config = toy_config(overrides)
     devices = parallel.training_devices(config.train.num_local_devices)
     process_index, process_count = jax.process_index(), jax.process_count()
