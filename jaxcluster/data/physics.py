@@ -25,7 +25,7 @@ LAR_DENSITY = 1.396  # g/cm^3
 RADIATION_LENGTH_CM = 14.0
 # NOTE: the cascade does not use the Moliere radius directly. In ten 1 GeV electron
 # showers the 90 % containment radius measured 10-17 cm (median 13 cm) against about
-# 9 cm expected, because MeV photons travel the high-energy mean free path.
+# 9 cm expected, probably because MeV photons travel the high-energy mean free path.
 MOLIERE_RADIUS_CM = 9.0
 # Mean free path of a high-energy photon before pair conversion: 9/7 of X0.
 PHOTON_MEAN_FREE_PATH_CM = 9.0 / 7.0 * RADIATION_LENGTH_CM
