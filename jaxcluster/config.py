@@ -195,7 +195,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                  command_line: Sequence[str] | None = None) -> pathlib.Path:
     """Write the resolved configuration (JSON) and the command line into ``workdir``.
 
-    When ``workdir`` already holds a configuration that differs (a resumed run with new
+    When ``workdir`` already contains a configuration that differs (a resumed run with new
     overrides), the differing keys are logged and the old file is kept with the suffix
     ``.previous``.
     """

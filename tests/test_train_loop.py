@@ -102,7 +102,8 @@ def test_restore_other_architecture_raises(tmp_path):
         testing.run_toy_training(tmp_path, ["train.num_steps=2"], model=testing.ToyModel(hidden=5))
     message = str(error.value)
     assert "encoder/kernel" in message
-    assert "(4, 8)" in message and "(4, 5)" in message
+    assert "(4, 8)" in message
+    assert "(4, 5)" in message
     assert "--workdir" in message
 
 

@@ -1,6 +1,6 @@
 """Checkpoints of the train state and the data-iterator position (orbax).
 
-A checkpoint step directory holds two items: ``state`` (the unreplicated ``TrainState``
+A checkpoint step directory contains two items: ``state`` (the unreplicated ``TrainState``
 arrays: step, params, batch_stats, opt_state, rng) and ``data`` (the JSON state of the
 training data iterator). Restoring is strict: the stored tree must have exactly the
 paths, shapes and dtypes of the state the current config builds.

@@ -12,8 +12,8 @@ from typing import Callable, Iterator
 import ml_collections
 
 # data.format -> (module, reader class); each reader takes the file path.
-# NOTE: only the PILArNet reader name is fixed by the data interface so far; the other
-# two entries are the expected names and fail with a clear ImportError until they exist.
+# NOTE: the data interface fixes only the PILArNet reader name so far. The other two
+# entries are expected names, and they fail with an ImportError until they exist.
 READERS = {
     "pilarnet_h5": ("jaxcluster.data.pilarnet", "PILArNetReader"),
     "larcv_root": ("jaxcluster.data.larcv_root", "LArCVRootReader"),
@@ -60,6 +60,8 @@ def build_loader(config: ml_collections.ConfigDict, path: str, *, num_devices: i
     not disjoint across hosts; pass the process index to the loader once it accepts one.
     """
     from jaxcluster.data.loader import Loader
+    # TODO: pass data.capacity and data.num_workers once the Loader's keyword names for
+    # them are fixed. Until then those two keys have no effect on the real loader.
     dimension = config.network_base.dimension
     return Loader(
         _reader(config.data.format, path),

@@ -70,7 +70,7 @@ class RunLogger:
                                    disable=not is_primary, dynamic_ncols=True)
 
     def train_step(self, step: int, row: Mapping[str, object]) -> None:
-        """Record one training step; ``row`` holds the CSV columns besides ``step``."""
+        """Record one training step; ``row`` contains the CSV columns besides ``step``."""
         self._progress.update(1)
         if not self.is_primary:
             return

@@ -37,7 +37,7 @@ EvaluateFn = Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], Mapp
 
 
 class ClusterOverflowError(RuntimeError):
-    """A batch holds more clusters than ``clustering_loss.max_clusters``."""
+    """A batch contains more clusters than ``clustering_loss.max_clusters``."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -76,7 +76,7 @@ def _save(checkpointer: Checkpointer, step_number: int, replicated: TrainState,
 def _check_step(metrics: dict, step_number: int, checkpointer: Checkpointer) -> None:
     if metrics.pop(step.OVERFLOW_TERM, False):
         raise ClusterOverflowError(
-            f"step {step_number}: a batch holds more clusters than "
+            f"step {step_number}: a batch contains more clusters than "
             "clustering_loss.max_clusters, so some clusters would be left out of the loss; "
             "raise clustering_loss.max_clusters (e.g. --config.clustering_loss.max_clusters=...)")
     bad = {name: metrics[name] for name in ("loss", "grad_norm")
@@ -161,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       NonFiniteLossError: the loss or gradient norm became non-finite; the latest
         checkpoint is the last good one.
       ClusterOverflowError: ``clustering_loss.max_clusters`` is too small for a batch.
-      CheckpointMismatchError: ``workdir`` holds a checkpoint of another architecture.
+      CheckpointMismatchError: ``workdir`` contains a checkpoint of another architecture.
     """
     parallel.initialize_distributed()
     config_lib.validate_config(config, source=f"config {config.name}")

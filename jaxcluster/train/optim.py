@@ -68,7 +68,7 @@ def build_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.Gra
 
     With ``clusternet.clustering.freeze_embeddings`` every parameter outside the
     distance-estimate branch gets a zero update (no Adam moments, no weight decay), and
-    gradient clipping sees only the trainable ones.
+    gradient clipping uses only the trainable ones.
     """
     schedule = build_schedule(config.optimizer)
     tx = _base_optimizer(config.optimizer, schedule)

@@ -1,6 +1,6 @@
 """Device parallelism for training: the only module that uses ``jax.pmap``.
 
-Every local device holds a full copy of the train state and one slice of the global
+Every local device stores a full copy of the train state and one slice of the global
 batch (arrays with a leading device axis). Collectives inside the model and the loss
 name the axis ``AXIS_NAME``. Moving to ``shard_map`` later means changing this file only:
 ````training_devices``, ``replicate``, ``unreplicate``, ``pmap_step`` and
@@ -98,8 +98,8 @@ def training_devices(limit: int = 0) -> list:
 
 def _pmap_devices(devices: Sequence) -> Sequence | None:
     # pmap's default (None) spans the local devices of every process. An explicit list
-    # makes a mesh of only those devices, so in a multi-process run collectives would
-    # then stop at the process boundary; pass a list only for a one-process subset.
+    # builds a mesh of only those devices, so collectives would stop at the process
+    # boundary. A list is therefore passed only for a one-process subset.
     return None if list(devices) == jax.local_devices() else devices
 
 
