@@ -36,7 +36,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxcluster.losses.distance import nearest_ally_enemy_sq_distances
+from jaxcluster.losses.distance import nearest_ally_enemy_squared_distances
 from jaxcluster.losses.segments import (
     NUM_CLUSTERED_CLASSES,
     ClusterIndex,
@@ -62,13 +62,10 @@ ATTENTION_KERNELS = {
     0: lambda x: (1.0 + jnp.exp(-x)) / 2.0,
     1: lambda x: 2.0 / (1.0 + jnp.exp(-x)),
 }
-# Added to the standard deviation before dividing, as in the original, so that a
-# cluster whose voxels all lie at one distance (one voxel, for example) gets x = 0.
+# Added to the standard deviation before dividing, as in the original, so that the
+# quotient stays finite when all voxels of a cluster lie at one distance from its centre.
+# A one-voxel cluster then gets x = 0 and weight 1.
 _ATTENTION_STD_OFFSET = 1e-4
-
-# Arguments that carry data rather than settings; make_loss does not bind them.
-DATA_ARGUMENTS = ("embeddings", "batch_index", "semantic", "instance", "valid", "coords",
-                  "distance_estimate")
 
 
 # --------------------------------------------------------------------------- checks
@@ -95,24 +92,24 @@ def _check_settings(*, batch_size, max_clusters, norm, num_classes, **nonnegativ
         _check_nonnegative(name, value)
 
 
-def _check_rows(embeddings, batch_index, semantic, instance, valid, where: str) -> None:
+def _check_rows(embeddings, batch_index, semantic, instance, valid, context: str) -> None:
     """Check the static shapes and dtypes of one scale's row arrays."""
     if embeddings.ndim != 2:
-        raise ValueError(f"{where}: embeddings must have shape [N, E], got "
+        raise ValueError(f"{context}: embeddings must have shape [N, E], got "
                          f"{tuple(embeddings.shape)}")
     num_rows = embeddings.shape[0]
     for name, array in (("batch_index", batch_index), ("semantic", semantic),
                         ("instance", instance), ("valid", valid)):
         if tuple(array.shape) != (num_rows,):
-            raise ValueError(f"{where}: {name} must have shape [N] = [{num_rows}] like "
+            raise ValueError(f"{context}: {name} must have shape [N] = [{num_rows}] like "
                              f"embeddings, got {tuple(array.shape)}")
     for name, array in (("batch_index", batch_index), ("semantic", semantic),
                         ("instance", instance)):
         if not jnp.issubdtype(array.dtype, jnp.integer):
-            raise ValueError(f"{where}: {name} must be an integer array, got dtype "
+            raise ValueError(f"{context}: {name} must be an integer array, got dtype "
                              f"{array.dtype}; cast the labels with .astype(int32)")
     if valid.dtype != jnp.bool_:
-        raise ValueError(f"{where}: valid must be a bool array, got dtype {valid.dtype}")
+        raise ValueError(f"{context}: valid must be a bool array, got dtype {valid.dtype}")
 
 
 def _split_scales(name: str, value, per_scale_ndim: int, num_scales: int) -> list:
@@ -157,15 +154,6 @@ def _per_scale_margins(name: str, margins, default: float, num_scales: int) -> l
 def _as_float(array):
     """Cast to at least float32, so that bfloat16 embeddings do not lose the hinge sums."""
     return array.astype(jnp.promote_types(array.dtype, jnp.float32))
-
-
-def _index(batch_index, semantic, instance, valid, *, batch_size, max_clusters, num_classes):
-    # Rows with an event slot outside [0, batch_size) are dropped like padding, so that a
-    # sentinel batch index on a padding row can never reach a segment sum.
-    in_range = (batch_index >= 0) & (batch_index < batch_size)
-    return cluster_index(batch_index, semantic, instance, valid & in_range,
-                         batch_size=batch_size, max_clusters=max_clusters,
-                         num_classes=num_classes)
 
 
 def _row_cluster(index: ClusterIndex):
@@ -236,7 +224,7 @@ def _group_terms(embeddings, index: ClusterIndex, *, intra_margin, inter_margin,
 
 
 def _enemy_term(rows, centroids, index: ClusterIndex, *, inter_margin, norm):
-    """Mean over (cluster, enemy voxel) pairs of ``[2 delta_d - ||x_i - mu_c||]_+^2``.
+    """Average ``[2 delta_d - ||x_i - mu_c||]_+^2`` over (cluster, enemy voxel) pairs.
 
     An enemy voxel of cluster c is a voxel of another cluster in c's (event, class)
     group. The pairs are a dense ``[M, N]`` mask, and the differences ``x_i - mu_c`` a
@@ -256,7 +244,7 @@ def _enemy_term(rows, centroids, index: ClusterIndex, *, inter_margin, norm):
 
 
 def _attention_weights(coords, index: ClusterIndex, *, norm, attention_kernel):
-    """Weight ``[N]`` of each voxel from its spatial distance to its cluster centre.
+    """Compute each voxel's weight ``[N]`` from its spatial distance to its cluster centre.
 
     ``coords`` is ``[N, D]`` in voxels. The distance is divided by the cluster's
     (population) standard deviation of that distance plus 1e-4, then passed through
@@ -294,7 +282,7 @@ def _overflow(index: ClusterIndex, axis_name):
 
 
 def centroid_ari_per_event(embeddings, index: ClusterIndex, *, batch_size: int):
-    """ARI of each event after assigning every voxel to the nearest true centroid.
+    """Compute each event's ARI after assigning every voxel to the nearest true centroid.
 
     This is a training-time metric, named ``train_centroid_ari`` in the logs: it uses the
     true clusters' centroids, which inference does not have. Each clustered voxel goes to
@@ -316,11 +304,11 @@ def centroid_ari_per_event(embeddings, index: ClusterIndex, *, batch_size: int):
     member, segment = _row_cluster(index)
     rows, centroids = _centroids(jax.lax.stop_gradient(embeddings), index)
 
-    sq_distance = (jnp.sum(rows * rows, axis=1)[:, None] - 2.0 * rows @ centroids.T
-                   + jnp.sum(centroids * centroids, axis=1)[None, :])
+    squared_distance = (jnp.sum(rows * rows, axis=1)[:, None] - 2.0 * rows @ centroids.T
+                        + jnp.sum(centroids * centroids, axis=1)[None, :])
     same_group = index.cluster_group[None, :] == index.cluster_group[segment][:, None]
     allowed = same_group & index.cluster_valid[None, :]
-    predicted = jnp.argmin(jnp.where(allowed, sq_distance, jnp.inf), axis=1)
+    predicted = jnp.argmin(jnp.where(allowed, squared_distance, jnp.inf), axis=1)
 
     # Contingency table n[true, predicted] over clustered voxels: [M, M].
     cell = jnp.where(member, segment * max_clusters + predicted, max_clusters * max_clusters)
@@ -406,8 +394,8 @@ def single_loss(embeddings, batch_index, semantic, instance, valid, *, batch_siz
         jnp.asarray(a) for a in (embeddings, batch_index, semantic, instance, valid))
     _check_rows(embeddings, batch_index, semantic, instance, valid, "single loss")
 
-    index = _index(batch_index, semantic, instance, valid, batch_size=batch_size,
-                   max_clusters=max_clusters, num_classes=num_classes)
+    index = cluster_index(batch_index, semantic, instance, valid, batch_size=batch_size,
+                          max_clusters=max_clusters, num_classes=num_classes)
     weights = {"intra": intra_weight, "inter": inter_weight, "reg": reg_weight}
     loss, terms = _scale_loss(embeddings, index, weights=weights, axis_name=axis_name,
                               intra_margin=intra_margin, inter_margin=inter_margin, norm=norm)
@@ -431,11 +419,16 @@ def _multi_scale_loss(embeddings, batch_index, semantic, instance, valid, *, bat
                     inter_weight=inter_weight, reg_weight=reg_weight,
                     intra_margin=intra_margin, inter_margin=inter_margin)
     if not isinstance(embeddings, (list, tuple)):
-        embeddings = list(jnp.asarray(embeddings))
+        embeddings = jnp.asarray(embeddings)
+        if embeddings.ndim != 3:
+            raise ValueError(f"{loss_name} loss: embeddings must be a list of [N_s, E] arrays "
+                             f"or one stacked [S, N, E] array, got shape "
+                             f"{tuple(embeddings.shape)}; wrap a single scale in a list")
+        embeddings = list(embeddings)
     num_scales = len(embeddings)
     if num_scales == 0:
-        raise ValueError(f"{loss_name} loss: embeddings holds no scale; pass one [N_s, E] "
-                         "array per decoder scale")
+        raise ValueError(f"{loss_name} loss: embeddings is an empty list; pass one "
+                         "[N_s, E] array per decoder scale")
     embeddings = [jnp.asarray(e) for e in embeddings]
     batch_index = _split_scales("batch_index", batch_index, 1, num_scales)
     semantic = _split_scales("semantic", semantic, 1, num_scales)
@@ -451,17 +444,17 @@ def _multi_scale_loss(embeddings, batch_index, semantic, instance, valid, *, bat
         weights["enemy"] = enemy_weight
     scale_losses, scale_terms, overflows, indices = [], [], [], []
     for scale in range(num_scales):
-        where = f"{loss_name} loss, scale {scale}"
+        context = f"{loss_name} loss, scale {scale}"
         _check_rows(embeddings[scale], batch_index[scale], semantic[scale], instance[scale],
-                    valid[scale], where)
-        index = _index(batch_index[scale], semantic[scale], instance[scale], valid[scale],
-                       batch_size=batch_size, max_clusters=max_clusters,
-                       num_classes=num_classes)
+                    valid[scale], context)
+        index = cluster_index(batch_index[scale], semantic[scale], instance[scale],
+                              valid[scale], batch_size=batch_size, max_clusters=max_clusters,
+                              num_classes=num_classes)
         voxel_weight = None
         if coords is not None:
             if coords[scale].ndim != 2 or coords[scale].shape[0] != embeddings[scale].shape[0]:
                 raise ValueError(
-                    f"{where}: coords must have shape [N, D] = [{embeddings[scale].shape[0]}, "
+                    f"{context}: coords must have shape [N, D] = [{embeddings[scale].shape[0]}, "
                     f"D] (spatial columns only, in voxels), got {tuple(coords[scale].shape)}")
             voxel_weight = _attention_weights(coords[scale], index, norm=norm,
                                               attention_kernel=attention_kernel)
@@ -491,18 +484,6 @@ def _multi_scale_loss(embeddings, batch_index, semantic, instance, valid, *, bat
     return loss, terms, indices[0], embeddings[0], batch_index[0]
 
 
-_MULTI_DOC_ARGS = """
-    Args:
-      embeddings: one ``[N_s, E]`` array per decoder scale s (scale 0 = full resolution),
-        as a list or stacked ``[S, N, E]``.
-      batch_index, semantic, instance, valid: per scale, ``[N_s]`` each, as lists or
-        stacked ``[S, N]`` (the batch's ``semantic``, ``instance``, ``scale_valid``).
-      intra_margins, inter_margins: optional per-scale margins (one per scale); when
-        unset, ``intra_margin`` and ``inter_margin`` serve every scale.
-      Other settings as in ``single_loss``.
-"""
-
-
 def multi_loss(embeddings, batch_index, semantic, instance, valid, *, batch_size: int,
                max_clusters: int, intra_weight: float = DEFAULT_INTRA_WEIGHT,
                inter_weight: float = DEFAULT_INTER_WEIGHT,
@@ -512,6 +493,24 @@ def multi_loss(embeddings, batch_index, semantic, instance, valid, *, batch_size
                intra_margins: Sequence[float] | None = None,
                inter_margins: Sequence[float] | None = None, norm: float = DEFAULT_NORM,
                num_classes: int = NUM_CLUSTERED_CLASSES, axis_name: str | None = None):
+    """Average the discriminative loss over the decoder scales (``clusternet``).
+
+    Each scale's embeddings are scored against that scale's labels with its own margins.
+
+    Args:
+      embeddings: one ``[N_s, E]`` array per decoder scale s (scale 0 = full
+        resolution), as a list or stacked ``[S, N, E]``.
+      batch_index, semantic, instance, valid: per scale, ``[N_s]`` each, as lists or
+        stacked ``[S, N]`` (the batch's ``semantic``, ``instance``, ``scale_valid``).
+      intra_margins, inter_margins: optional margins, one per scale; when unset,
+        ``intra_margin`` and ``inter_margin`` serve every scale.
+      Other settings as in ``single_loss``.
+
+    Returns:
+      ``(loss, terms)``. Terms: the scale means ``loss_intra``, ``loss_inter``,
+      ``loss_reg``; per scale ``loss_scale{s}`` and ``loss_<term>_scale{s}``;
+      ``cluster_overflow`` (1 if any scale overflowed); ``train_centroid_ari`` at scale 0.
+    """
     loss, terms, *_ = _multi_scale_loss(
         embeddings, batch_index, semantic, instance, valid, batch_size=batch_size,
         max_clusters=max_clusters, intra_weight=intra_weight, inter_weight=inter_weight,
@@ -519,15 +518,6 @@ def multi_loss(embeddings, batch_index, semantic, instance, valid, *, batch_size
         intra_margins=intra_margins, inter_margins=inter_margins, norm=norm,
         num_classes=num_classes, axis_name=axis_name, loss_name="multi")
     return loss, terms
-
-
-multi_loss.__doc__ = """Average the discriminative loss over the decoder scales (``clusternet``).
-
-    Each scale's embeddings are scored against that scale's labels with its own margins.
-    Terms: the scale means ``loss_intra``, ``loss_inter``, ``loss_reg``, the per-scale
-    ``loss_scale{s}`` and ``loss_<term>_scale{s}``, ``cluster_overflow`` (1 if any scale
-    overflowed) and ``train_centroid_ari`` at scale 0.
-""" + _MULTI_DOC_ARGS
 
 
 def multi_weighted_loss(embeddings, batch_index, semantic, instance, valid, coords, *,
@@ -542,6 +532,25 @@ def multi_weighted_loss(embeddings, batch_index, semantic, instance, valid, coor
                         attention_kernel: int = 1, norm: float = DEFAULT_NORM,
                         num_classes: int = NUM_CLUSTERED_CLASSES,
                         axis_name: str | None = None):
+    """Compute the multi-scale loss with spatial attention weights on the intra term.
+
+    Each cluster's intra term becomes ``mean_i w_i [||x_i - mu_c|| - delta_v]_+^2``. The
+    weight ``w_i`` comes from the voxel's spatial distance to its cluster's centre
+    (p-norm, in voxels of its scale), divided by the cluster's standard deviation of that
+    distance plus 1e-4, through the kernel ``attention_kernel`` of the original
+    WeightedMultiLoss: 0 gives ``(1 + exp(-x)) / 2`` (core voxels count up to twice as
+    much as far ones), 1 (default) gives ``2 / (1 + exp(-x))`` (far voxels count up to
+    twice as much). No gradient flows through the weights.
+
+    Args:
+      coords: per scale, ``[N_s, D]`` spatial coordinates in voxels of that scale (no
+        batch column), as a list or stacked ``[S, N, D]``.
+      attention_kernel: 0 or 1, see above.
+      Other arguments as in ``multi_loss``.
+
+    Returns:
+      ``(loss, terms)`` with the terms of ``multi_loss``.
+    """
     if attention_kernel not in ATTENTION_KERNELS:
         raise ValueError(f"clustering_loss.attention_kernel must be one of "
                          f"{sorted(ATTENTION_KERNELS)}, got {attention_kernel!r}")
@@ -555,21 +564,6 @@ def multi_weighted_loss(embeddings, batch_index, semantic, instance, valid, coor
     return loss, terms
 
 
-multi_weighted_loss.__doc__ = """Multi-scale loss with spatial attention weights on the intra term.
-
-    A voxel's intra hinge is multiplied by a weight computed from its spatial distance to
-    its cluster's centre (p-norm, in voxels of its scale), divided by the cluster's
-    standard deviation of that distance plus 1e-4. ``attention_kernel`` picks the
-    weight function of the original WeightedMultiLoss: 0 gives ``(1 + exp(-x)) / 2``
-    (core voxels count up to twice as much as far ones), 1 (default) gives
-    ``2 / (1 + exp(-x))`` (far voxels count up to twice as much). Each cluster's intra
-    term is ``mean_i w_i [||x_i - mu_c|| - delta_v]_+^2``. No gradient flows through
-    the weights.
-""" + _MULTI_DOC_ARGS + """      coords: per scale, ``[N_s, D]`` spatial coordinates in voxels of that scale
-        (no batch column), as a list or stacked ``[S, N, D]``.
-"""
-
-
 def multi_repel_loss(embeddings, batch_index, semantic, instance, valid, *, batch_size: int,
                      max_clusters: int, intra_weight: float = DEFAULT_INTRA_WEIGHT,
                      inter_weight: float = DEFAULT_INTER_WEIGHT,
@@ -579,6 +573,26 @@ def multi_repel_loss(embeddings, batch_index, semantic, instance, valid, *, batc
                      intra_margins: Sequence[float] | None = None,
                      inter_margins: Sequence[float] | None = None, norm: float = DEFAULT_NORM,
                      num_classes: int = NUM_CLUSTERED_CLASSES, axis_name: str | None = None):
+    """Compute the multi-scale loss plus a term that repels enemy voxels from centroids.
+
+    Per group, ``enemy_g`` is the mean over (cluster c, voxel i of another cluster of the
+    group) pairs of ``[2 delta_d - ||x_i - mu_c||]_+^2``, 0 without such pairs, and
+    ``enemy_weight * enemy_g`` joins ``loss_g``. Memory per scale: a dense ``[M, N_s]``
+    pair mask and an ``[M, N_s, E]`` difference buffer kept for the backward pass
+    (41 MB in float32 at M = 64, N = 20k, E = 8).
+
+    NOTE: the original MultiScaleLoss2 sums over enemies with its own ``enemy_margin``
+    (1.0) and ``enemy_weight`` (10.0). This version averages over pairs and uses the
+    inter-cluster margin ``2 delta_d``, so its weight is on another scale.
+
+    Args:
+      enemy_weight: weight of the enemy term.
+      Other arguments as in ``multi_loss``.
+
+    Returns:
+      ``(loss, terms)`` with the terms of ``multi_loss`` plus ``loss_enemy`` and
+      ``loss_enemy_scale{s}``.
+    """
     _check_nonnegative("enemy_weight", enemy_weight)
     loss, terms, *_ = _multi_scale_loss(
         embeddings, batch_index, semantic, instance, valid, batch_size=batch_size,
@@ -590,36 +604,21 @@ def multi_repel_loss(embeddings, batch_index, semantic, instance, valid, *, batc
     return loss, terms
 
 
-multi_repel_loss.__doc__ = """Multi-scale loss plus a term that repels enemy voxels from each centroid.
-
-    Per group, ``enemy_g`` is the mean over (cluster c, voxel i of another cluster of
-    the group) pairs of ``[2 delta_d - ||x_i - mu_c||]_+^2`` (0 without such pairs), and
-    ``enemy_weight * enemy_g`` joins ``loss_g`` (term ``loss_enemy``). Memory: a dense
-    ``[M, N_s]`` pair mask and an ``[M, N_s, E]`` difference buffer per scale, kept
-    for the backward pass (41 MB in float32 at M = 64, N = 20k, E = 8).
-
-    NOTE: the original MultiScaleLoss2 sums over enemies with its own
-    ``enemy_margin`` (1.0) and ``enemy_weight`` (10.0); this version averages over pairs
-    and uses the inter-cluster margin ``2 delta_d``, so its weight is on another scale.
-""" + _MULTI_DOC_ARGS + """      enemy_weight: weight of the enemy term.
-"""
-
-
 def _smooth_l1(difference):
-    """Smooth L1 with threshold 1 (``torch.nn.SmoothL1Loss`` default)."""
+    """Return the smooth L1 with threshold 1 (the ``torch.nn.SmoothL1Loss`` default)."""
     magnitude = jnp.abs(difference)
     return jnp.where(magnitude < 1.0, 0.5 * difference ** 2, magnitude - 0.5)
 
 
 def _distance_estimate_loss(distance_estimate, embeddings, index, batch_index, *,
                             block_size, axis_name):
-    """Smooth-L1 loss of the predicted nearest ally / enemy squared distances.
+    """Compute the smooth-L1 loss of the predicted nearest ally / enemy squared distances.
 
     The per-group mean over the (voxel, ally or enemy) entries that have a target is
     averaged over groups with at least one such entry.
     """
     member, segment = _row_cluster(index)
-    target, found = nearest_ally_enemy_sq_distances(
+    target, found = nearest_ally_enemy_squared_distances(
         _as_float(embeddings), index.segment, batch_index, member, block_size=block_size)
     prediction = jnp.where(found, _as_float(distance_estimate), 0.0)
     error = jnp.where(found, _smooth_l1(prediction - target), 0.0)
@@ -648,6 +647,32 @@ def multi_distance_loss(embeddings, batch_index, semantic, instance, valid,
                         norm: float = DEFAULT_NORM, distance_block_size: int = 512,
                         num_classes: int = NUM_CLUSTERED_CLASSES,
                         axis_name: str | None = None):
+    """Compute the multi-scale loss plus the distance-estimate loss at scale 0.
+
+    The model predicts per scale-0 voxel two values: the squared embedding distance to
+    the nearest other voxel of its cluster (ally) and to the nearest voxel of any other
+    cluster of the same event (enemy). The targets come from the scale-0 embeddings
+    with no gradient. A voxel without an ally (one-voxel cluster) or without an enemy
+    (the only cluster of its event) has that entry masked out. The smooth L1
+    (threshold 1) is averaged per (event, class) group, then over groups, and weighted by
+    ``distance_estimate_weight``.
+
+    Cost: the nearest-neighbour search takes ``O(N_0**2 E)`` operations in blocks of
+    ``distance_block_size`` query rows, with ``[distance_block_size, N_0]`` buffers
+    (about 10 bytes per entry) alive at a time.
+
+    NOTE: the original DistanceEstimationLoss searched enemies only among voxels of the
+    same semantic class. Here any other cluster of the event is an enemy.
+
+    Args:
+      distance_estimate: ``[N_0, 2]`` predicted (ally, enemy) squared distances.
+      distance_estimate_weight: weight of the distance-estimate term.
+      distance_block_size: static number of query rows per nearest-neighbour block.
+      Other arguments as in ``multi_loss``.
+
+    Returns:
+      ``(loss, terms)`` with the terms of ``multi_loss`` plus ``loss_distance_estimate``.
+    """
     _check_nonnegative("distance_estimate_weight", distance_estimate_weight)
     if isinstance(distance_block_size, bool) or not isinstance(distance_block_size, int) \
             or distance_block_size < 1:
@@ -670,28 +695,6 @@ def multi_distance_loss(embeddings, batch_index, semantic, instance, valid,
         block_size=distance_block_size, axis_name=axis_name)
     terms["loss_distance_estimate"] = distance_term
     return loss + distance_term, terms
-
-
-multi_distance_loss.__doc__ = """Multi-scale loss plus the distance-estimate loss at scale 0.
-
-    The model predicts per scale-0 voxel two values: the squared embedding distance to
-    the nearest other voxel of its cluster (ally) and to the nearest voxel of any other
-    cluster of the same event (enemy). Targets come from the scale-0 embeddings with no
-    gradient. A voxel without an ally (one-voxel cluster) or without an enemy (the only
-    cluster of its event) has that entry masked out. The loss is the smooth L1
-    (threshold 1) averaged per (event, class) group, then over groups, times
-    ``distance_estimate_weight`` (term ``loss_distance_estimate``).
-
-    Cost: the nearest-neighbour search takes ``O(N_0**2 E)`` operations in blocks of
-    ``distance_block_size`` query rows, with ``[distance_block_size, N_0]`` buffers
-    (about 10 bytes per entry) alive at a time.
-
-    NOTE: the original DistanceEstimationLoss searched enemies only among voxels of
-    the same semantic class; here any other cluster of the event is an enemy.
-""" + _MULTI_DOC_ARGS + """      distance_estimate: ``[N_0, 2]`` predicted (ally, enemy) squared distances.
-      distance_estimate_weight: weight of the distance-estimate term.
-      distance_block_size: static number of query rows per nearest-neighbour block.
-"""
 
 
 # ----------------------------------------------------------------------- the registry

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 
-def nearest_ally_enemy_sq_distances(points, segment, event, member, *, block_size: int = 512):
+def nearest_ally_enemy_squared_distances(points, segment, event, member, *, block_size: int = 512):
     """Find each row's squared distance to its nearest ally and nearest enemy.
 
     An ally of row i is another member row j != i with ``segment[j] == segment[i]``. An
@@ -39,7 +39,7 @@ def nearest_ally_enemy_sq_distances(points, segment, event, member, *, block_siz
       block_size: static number of query rows per block.
 
     Returns:
-      ``(sq_distance [N, 2], found [N, 2] bool)``; column 0 is the nearest ally, column 1
+      ``(squared_distance [N, 2], found [N, 2] bool)``; column 0 is the nearest ally, column 1
       the nearest enemy. No gradient flows through the result.
     """
     if int(block_size) < 1:
@@ -61,23 +61,23 @@ def nearest_ally_enemy_sq_distances(points, segment, event, member, *, block_siz
     query_member = jnp.pad(member, (0, pad))
     query_row = jnp.arange(padded_rows, dtype=jnp.int32)
 
-    sq_norms = jnp.sum(points * points, axis=-1)
+    squared_norms = jnp.sum(points * points, axis=-1)
     candidate_row = jnp.arange(num_rows, dtype=jnp.int32)
     inf = jnp.asarray(jnp.inf, points.dtype)
 
     def search_block(block):
         block_points, block_segment, block_event, block_member, block_row = block
-        block_sq_norms = jnp.sum(block_points * block_points, axis=-1)
-        sq_distance = (block_sq_norms[:, None] + sq_norms[None, :]
+        block_squared_norms = jnp.sum(block_points * block_points, axis=-1)
+        squared_distance = (block_squared_norms[:, None] + squared_norms[None, :]
                        - 2.0 * block_points @ points.T)
-        sq_distance = jnp.maximum(sq_distance, 0.0)
+        squared_distance = jnp.maximum(squared_distance, 0.0)
 
         both_members = block_member[:, None] & member[None, :]
         same_segment = block_segment[:, None] == segment[None, :]
         ally = both_members & same_segment & (block_row[:, None] != candidate_row[None, :])
         enemy = both_members & ~same_segment & (block_event[:, None] == event[None, :])
-        nearest_ally = jnp.min(jnp.where(ally, sq_distance, inf), axis=1)
-        nearest_enemy = jnp.min(jnp.where(enemy, sq_distance, inf), axis=1)
+        nearest_ally = jnp.min(jnp.where(ally, squared_distance, inf), axis=1)
+        nearest_enemy = jnp.min(jnp.where(enemy, squared_distance, inf), axis=1)
         return jnp.stack([nearest_ally, nearest_enemy], axis=-1)
 
     blocks = (
