@@ -7,10 +7,10 @@ dense ``[N, N]`` matrix takes 1.6 GB at N = 20k in float32, so the search walks 
 blocks of ``block_size`` query rows with ``lax.map`` and keeps only ``[block_size, N]``
 alive at a time.
 
-Cost: ``N**2 * (E + a few)`` floating-point operations in any case. The largest live
-buffers are the ``[block_size, N]`` distance block and its masks (about 10 bytes per
-entry, 80 MB at block_size = 512, N = 20k). Blocks run one after another, so
-``block_size`` trades memory for parallelism.
+Cost: ``N**2 * (E + a few)`` floating-point operations whatever the block size. The
+largest live buffers are the ``[block_size, N]`` distance block and its masks, an
+estimated 10 bytes per entry (about 100 MB at block_size = 512, N = 20k). Blocks run one
+after another, so ``block_size`` trades memory for parallelism.
 """
 
 from __future__ import annotations
