@@ -69,13 +69,22 @@ def get_config() -> ml_collections.ConfigDict:
     config.clustering_loss.seediness_weight = 1.0  # weight of the seediness regression
     config.clustering_loss.embedding_weight = 10.0  # weight of the mask (embedding) term
     config.clustering_loss.smoothing_weight = 1.0  # weight of the sigma smoothing term
+    config.clustering_loss.intra_margins = ()  # per-scale pull margins for multi* losses (empty: intra_margin at every scale)
+    config.clustering_loss.inter_margins = ()  # per-scale push margins for multi* losses (empty: inter_margin at every scale)
+    config.clustering_loss.attention_kernel = 1  # multi-weighted: 0 stresses cluster cores, 1 stresses extremities
+    config.clustering_loss.seed_norm = "l2"  # SPICE seediness regression: l1 | l2
+    config.clustering_loss.focal_gamma = 2.0  # focusing exponent of se_focal and se_weighted_focal
     config.clustering_loss.max_clusters = 512  # cluster slots per device batch; a larger count is an error
 
     config.data = ml_collections.ConfigDict()
     config.data.format = "pilarnet_h5"  # file format: pilarnet_h5 | larcv_root | larcv3_h5
     config.data.train_file = "data/train_192.h5"  # path of the training file
     config.data.valid_file = "data/valid_192.h5"  # path of the held-out file ("" disables evaluation)
-    config.data.schema = "pilarnet"  # parser schema name that maps file products to inputs and labels
+    # Parsers and products, as in lartpc_mlreco3d: {output key: [parser, product, ...]}.
+    # "input_data" feeds the network; "cluster_label" gives instance and semantic labels.
+    config.data.schema = ml_collections.ConfigDict()
+    config.data.schema.input_data = ["parse_sparse3d_scn", "sparse3d_pcluster"]  # voxel values in MeV
+    config.data.schema.cluster_label = ["parse_cluster3d_clean", "cluster3d_pcluster", "sparse3d_pcluster"]  # instance = group id
     config.data.batch_size = 4  # events per step, summed over all devices and hosts
     config.data.capacity = 0  # voxel rows per device batch (0 picks a capacity bucket per batch)
     config.data.seed = 0  # seed of the event shuffling

@@ -11,4 +11,6 @@ def get_config():
     config.model_name = "spatial_embeddings_stack"
     config.spatial_embeddings.backbone = "stack"
     config.clustering_loss.name = "se_lovasz_inter"
+    config.clustering_loss.inter_margin = 0.2  # normalised-coordinate units; centres pushed 0.4 apart
+    config.clustering_loss.embedding_weight = 1.0  # weight of the mask (Lovasz) term
     return config

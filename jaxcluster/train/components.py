@@ -12,12 +12,10 @@ from typing import Callable, Iterator
 import ml_collections
 
 # data.format -> (module, reader class); each reader takes the file path.
-# NOTE: the data interface fixes only the PILArNet reader name so far. The other two
-# entries are expected names, and they fail with an ImportError until they exist.
 READERS = {
     "pilarnet_h5": ("jaxcluster.data.pilarnet", "PILArNetReader"),
     "larcv_root": ("jaxcluster.data.larcv_root", "LArCVRootReader"),
-    "larcv3_h5": ("jaxcluster.data.larcv3", "LArCV3Reader"),
+    "larcv3_h5": ("jaxcluster.data.larcv3_h5", "LArCV3Reader"),
 }
 
 # model_name -> config section whose num_strides sets the number of label scales.
@@ -45,43 +43,60 @@ def num_scales(config: ml_collections.ConfigDict) -> int:
     return config[_SCALE_SECTIONS[config.model_name]].num_strides
 
 
-def _reader(data_format: str, path: str):
-    module_name, class_name = READERS[data_format]
+def open_reader(config: ml_collections.ConfigDict, path: str):
+    """Open ``path`` with the reader of ``config.data.format``."""
+    module_name, class_name = READERS[config.data.format]
     module = importlib.import_module(module_name)
-    return getattr(module, class_name)(path)
+    reader_class = getattr(module, class_name)
+    if config.data.format == "pilarnet_h5":
+        return reader_class(path, spatial_size=config.network_base.spatial_size,
+                            dimension=config.network_base.dimension)
+    return reader_class(path)
+
+
+def schema(config: ml_collections.ConfigDict) -> dict:
+    """``config.data.schema`` as the plain ``{output_key: [parser, product, ...]}`` dict."""
+    return {key: list(value) for key, value in config.data.schema.items()}
 
 
 def build_loader(config: ml_collections.ConfigDict, path: str, *, num_devices: int,
-                 process_index: int, process_count: int, seed: int):
+                 process_index: int, process_count: int, seed: int, shuffle: bool = True,
+                 num_epochs: int | None = None):
     """Return a loader over ``path`` that yields this process's share of each global batch.
 
-    NOTE: the loader interface has no process-sharding argument yet, so every process
-    reads the same event order with a seed offset by its process index. Events are then
-    not disjoint across hosts; pass the process index to the loader once it accepts one.
+    Each process reads only the events of its own devices, so hosts see disjoint events.
     """
     from jaxcluster.data.loader import Loader
-    # TODO: pass data.capacity and data.num_workers once the Loader's keyword names for
-    # them are fixed. Until then those two keys have no effect on the real loader.
     dimension = config.network_base.dimension
+    capacity = config.data.capacity or None
+    if process_count > 1 and capacity is None:
+        raise ValueError("multi-host training needs a fixed data.capacity (voxel rows per "
+                         "device batch) so that every process compiles the same shapes; set "
+                         "--config.data.capacity")
     return Loader(
-        _reader(config.data.format, path),
-        schema=config.data.schema,
+        open_reader(config, path),
+        schema=schema(config),
         spatial_shape=(config.network_base.spatial_size,) * dimension,
-        batch_size=config.data.batch_size // process_count,
+        batch_size=config.data.batch_size,
         num_devices=num_devices,
         num_scales=num_scales(config),
-        seed=seed + process_index,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        capacity=capacity,
+        process_index=process_index,
+        process_count=process_count,
     )
 
 
 def build_eval_data(config: ml_collections.ConfigDict, *, num_devices: int, process_index: int,
                     process_count: int) -> Callable[[], Iterator] | None:
-    """Return a function that opens a fresh iterator over the held-out file, or None."""
+    """Return a function that opens a fresh pass over the held-out file, or None."""
     if not config.data.valid_file or config.train.eval_every_steps == 0:
         return None
 
     def open_eval_data():
         return iter(build_loader(config, config.data.valid_file, num_devices=num_devices,
                                  process_index=process_index, process_count=process_count,
-                                 seed=config.data.seed))
+                                 seed=config.data.seed, shuffle=False, num_epochs=1))
     return open_eval_data
