@@ -97,3 +97,27 @@ class RunLogger:
         self._progress.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+class _DropLibraryInfo(logging.Filter):
+    """Drop INFO and DEBUG records emitted from the named libraries' source files."""
+
+    def __init__(self, libraries: tuple[str, ...]):
+        super().__init__()
+        self.libraries = libraries
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not any(f"/{name}/" in record.pathname for name in self.libraries)
+
+
+def quiet_library_logs(libraries: tuple[str, ...] = ("orbax",)) -> None:
+    """Keep warnings but drop the per-save INFO lines of checkpointing libraries.
+
+    orbax logs a dozen INFO lines per checkpoint through absl; the run logs its own one
+    line per save instead.
+    """
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+            handler.addFilter(_DropLibraryInfo(libraries))

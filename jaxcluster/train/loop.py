@@ -24,7 +24,7 @@ from flax import serialization
 from jaxcluster import config as config_lib
 from jaxcluster.train import components, optim, parallel, step
 from jaxcluster.train.checkpoint import Checkpointer
-from jaxcluster.train.logger import RunLogger
+from jaxcluster.train.logger import RunLogger, quiet_library_logs
 from jaxcluster.train.state import TrainState, count_parameters, create_train_state
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       CheckpointMismatchError: ``workdir`` contains a checkpoint of another architecture.
     """
     parallel.initialize_distributed()
+    quiet_library_logs()
     config_lib.validate_config(config, source=f"config {config.name}")
     process_index, process_count = jax.process_index(), jax.process_count()
     if config.data.batch_size % process_count:
@@ -217,16 +218,22 @@ def _train(config, workdir, model, loss_fn, train_data, eval_data, evaluate_fn,
     logger = RunLogger(workdir, is_primary=jax.process_index() == 0, initial_step=first_step - 1,
                        total_steps=num_steps, log_every_steps=config.train.log_every_steps)
     data_time = 0.0
+    compiled_shapes = set()
     try:
         for step_number in range(first_step, num_steps + 1):
-            if step_number == first_step:
-                log.info("step %d: compiling the train step (the first call traces and "
-                         "compiles; later steps reuse it)", step_number)
+            # Each capacity bucket is a new input shape, so the step compiles once per bucket.
+            shape = tuple(batch["coords"].shape) if "coords" in batch else None
+            compiling = shape not in compiled_shapes
+            if compiling:
+                log.info("step %d: compiling the train step for batch shape %s (once per "
+                         "capacity bucket; later steps of this shape reuse it)",
+                         step_number, shape)
             started = time.perf_counter()
             replicated, metrics = train_step_fn(replicated, batch)
             metrics = _host_scalars(metrics)
             step_time = time.perf_counter() - started
-            if step_number == first_step:
+            if compiling:
+                compiled_shapes.add(shape)
                 log.info("step %d: compiled and ran in %.1f s", step_number, step_time)
 
             _check_step(metrics, step_number, checkpointer)
