@@ -1,0 +1,291 @@
+"""Evaluate a trained run on a data file: per-event metrics, a summary and plots.
+
+``evaluate`` writes into its output directory:
+
+* ``events.csv``: one row per event, columns ``CSV_COLUMNS``;
+* ``summary.json``: mean and median ARI, purity and efficiency (and the means of AMI,
+  F-score and SBD), the fraction of events with ARI > 0.92, the event counts, and the
+  run, data, grid and post-processing used;
+* ``ari_histogram.png`` and ``event_display.png`` (true and predicted instances side by
+  side);
+* ``events.html``: a self-contained viewer of the first events (no network access).
+
+Metrics follow ``jaxcluster.metrics``, computed per event on the labelled voxels. A true
+cluster is one (class, instance) pair, the cluster of the losses, because the
+post-processing clusters each semantic class separately.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+
+import numpy as np
+
+from jaxcluster import inference, plots
+from jaxcluster.metrics import event_metrics
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("event", "source", "num_voxels", "num_labelled_voxels", "num_true_clusters",
+               "num_pred_clusters", "num_noise", "ari", "ami", "purity", "efficiency",
+               "fscore", "sbd", "seconds")
+# Events with an ARI above this count as well clustered in the summary.
+ARI_THRESHOLD = 0.92
+MAX_VIEWER_EVENTS = 20
+OUTPUT_FILES = {"csv": "events.csv", "summary": "summary.json",
+                "histogram": "ari_histogram.png", "display": "event_display.png",
+                "viewer": "events.html"}
+
+CAVEAT_GRID = ("network_base.spatial_size was overridden to fit the data grid; the "
+               "network was trained on generated 3 mm voxels and applies its weights "
+               "unchanged to this data's voxel or pixel size and value scale")
+CAVEAT_SEMANTIC = ("the per-class clustering is split by the true semantic classes of the "
+                   "labels, because jaxcluster has no semantic-segmentation model yet")
+
+
+def with_missing_semantic(schema: dict, missing_semantic: int, label_key: str = "cluster_label"
+                          ) -> dict:
+    """Return a copy of ``schema`` whose label parser gives unlabelled clusters ``missing_semantic``.
+
+    Files without semantic labels (larcv3 SBND wire planes) need a class in 0-4 here,
+    else every voxel is left out of clustering and of the metrics.
+    """
+    schema = {key: list(value) for key, value in schema.items()}
+    if label_key not in schema:
+        raise ValueError(f"schema has no {label_key!r} entry to set missing_semantic on; it has "
+                         f"{sorted(schema)}")
+    entry = schema[label_key]
+    options = dict(entry.pop()) if isinstance(entry[-1], dict) else {}
+    options["missing_semantic"] = int(missing_semantic)
+    schema[label_key] = entry + [options]
+    return schema
+
+
+def _data_grid_size(reader, path) -> int:
+    """Return the largest axis of the first event's grid, which fixes the needed spatial_size."""
+    if len(reader) == 0:
+        raise ValueError(f"data file {path} contains no events")
+    return int(max(reader.read(0).spatial_shape))
+
+
+def _choose_run_grid(run: inference.Run, spatial_size: int | None, grid_size: int,
+                     path) -> inference.Run:
+    if spatial_size is None:
+        if grid_size <= run.spatial_size:
+            return run
+        log.warning("%s: data grid of %d voxels per axis exceeds the trained spatial_size=%d; "
+                    "overriding it. %s", path, grid_size, run.spatial_size, CAVEAT_GRID)
+        spatial_size = grid_size
+    elif spatial_size < grid_size:
+        raise ValueError(f"spatial_size={spatial_size} is smaller than the grid of {path} "
+                         f"({grid_size} voxels on its largest axis); pass spatial_size >= "
+                         f"{grid_size} or leave it unset to use the data grid")
+    return run.with_spatial_size(spatial_size)
+
+
+def _finite_or_none(value):
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _statistics(rows: list[dict]) -> dict:
+    """Summarise per-event metrics; NaN (unlabelled) events are left out of every statistic."""
+    summary = {}
+    for name in ("ari", "ami", "purity", "efficiency", "fscore", "sbd"):
+        values = np.asarray([row[name] for row in rows], np.float64)
+        values = values[np.isfinite(values)]
+        summary[f"{name}_mean"] = _finite_or_none(values.mean()) if values.size else None
+        summary[f"{name}_median"] = _finite_or_none(np.median(values)) if values.size else None
+    ari = np.asarray([row["ari"] for row in rows], np.float64)
+    scored = np.isfinite(ari)
+    summary[f"ari_above_{ARI_THRESHOLD}_fraction"] = (
+        float(np.mean(ari[scored] > ARI_THRESHOLD)) if scored.any() else None)
+    summary["num_events"] = len(rows)
+    summary["num_events_scored"] = int(scored.sum())
+    return summary
+
+
+def _event_row(index: int, source: str, prediction: inference.Prediction, seconds: float) -> dict:
+    true_ids = prediction.true_clusters()
+    metrics = event_metrics(true_ids, prediction.instance, source=source)
+    return {
+        "event": index,
+        "source": source,
+        "num_voxels": len(prediction.instance),
+        "num_labelled_voxels": metrics["num_voxels"],
+        "num_true_clusters": metrics["num_true_clusters"],
+        "num_pred_clusters": metrics["num_pred_clusters"],
+        "num_noise": metrics["num_noise"],
+        **{name: metrics[name] for name in ("ari", "ami", "purity", "efficiency", "fscore",
+                                             "sbd")},
+        "seconds": round(seconds, 4),
+    }
+
+
+def _write_csv(rows: list[dict], path: pathlib.Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _viewer_record(row: dict, prediction: inference.Prediction) -> dict:
+    info = (f"{row['source']}: {row['num_voxels']} voxels, {row['num_true_clusters']} true / "
+            f"{row['num_pred_clusters']} predicted clusters, ARI {row['ari']:.3f}, "
+            f"purity {row['purity']:.3f}, efficiency {row['efficiency']:.3f}")
+    return {"name": f"event {row['event']}", "coords": prediction.coords[:, 1:],
+            "true": prediction.true_clusters(), "pred": prediction.instance, "info": info}
+
+
+def evaluate(workdir: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,
+             format: str | None = None, num_events: int | None = None, projection: int = 0,
+             step: int | None = None, spatial_size: int | None = None,
+             missing_semantic: int | None = None,
+             postprocessing: inference.PostProcessing | None = None,
+             display_event: int | None = None, progress: bool = True) -> dict:
+    """Evaluate the run in ``workdir`` on ``data`` and write the files of the module docstring.
+
+    Args:
+      workdir: a training run directory.
+      data: the data file.
+      output: output directory, created if missing.
+      format: ``pilarnet_h5``, ``larcv_root`` or ``larcv3_h5``; default guessed from the file.
+      num_events: evaluate only the first events; default all.
+      projection: larcv3 wire plane.
+      step: checkpoint step; default the latest.
+      spatial_size: grid of the network; default the trained size, raised to the data
+        grid when the data grid is larger (logged, and listed under ``caveats``).
+      missing_semantic: class given to clusters without a semantic label (0 for files
+        without semantic labels); default the run's schema.
+      postprocessing: default ``PostProcessing()``.
+      display_event: event drawn in ``event_display.png``; default the first event
+        with labelled voxels.
+      progress: show a tqdm progress bar.
+
+    Returns:
+      The summary dict written to ``summary.json``.
+    """
+    from tqdm import tqdm
+
+    from jaxcluster.data.loader import Loader
+
+    if num_events is not None and num_events < 1:
+        raise ValueError(f"num_events={num_events} must be >= 1, or None for every event")
+    output = pathlib.Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    run = inference.load_run(workdir, step, postprocessing=postprocessing)
+    format = format or inference.guess_format(data)
+    reader = inference.open_reader(data, format, dimension=run.dimension,
+                                   spatial_size=run.config.network_base.spatial_size,
+                                   projection=projection)
+    run = _choose_run_grid(run, spatial_size, _data_grid_size(reader, data), data)
+    schema = run.schema
+    if missing_semantic is not None:
+        schema = with_missing_semantic(schema, missing_semantic)
+
+    total = len(reader) if num_events is None else min(num_events, len(reader))
+    loader = Loader(reader, schema=schema, spatial_shape=run.spatial_shape, batch_size=1,
+                    num_devices=1, num_scales=run.num_scales, seed=0, shuffle=False,
+                    num_epochs=1, drop_empty=False)
+    log.info("evaluating %s (step %d) on %d events of %s (%s) at spatial_size=%d", workdir,
+             run.step, total, data, format, run.spatial_size)
+    rows, viewer_events, predictions = [], [], {}
+    name = pathlib.Path(data).name
+    try:
+        batches = tqdm(itertools.islice(loader, total), total=total, disable=not progress,
+                       unit="event")
+        for index, batch in enumerate(batches):
+            source = f"{name}, event {index}" + (f", projection {projection}"
+                                                  if format == "larcv3_h5" else "")
+            started = time.perf_counter()
+            prediction = run.predict({key: value[0] for key, value in batch.items()})
+            row = _event_row(index, source, prediction, time.perf_counter() - started)
+            rows.append(row)
+            if len(viewer_events) < MAX_VIEWER_EVENTS:
+                viewer_events.append(_viewer_record(row, prediction))
+            if display_event == index or (display_event is None and not predictions
+                                          and row["num_labelled_voxels"] > 0):
+                predictions[index] = prediction
+    finally:
+        loader.close()
+        if hasattr(reader, "close"):
+            reader.close()
+    _check_labelled(rows, data, missing_semantic)
+    if display_event is not None and display_event not in predictions:
+        raise ValueError(f"display_event={display_event} is not among the {len(rows)} evaluated "
+                         f"events; pass an index in [0, {len(rows)})")
+
+    summary = _summary(rows, run, data, format, projection, postprocessing or run.postprocessing,
+                       missing_semantic)
+    _write_outputs(output, rows, summary, predictions, viewer_events, run.dimension)
+    log.info("evaluation of %d events: mean ARI %s, median ARI %s; written to %s",
+             len(rows), summary["ari_mean"], summary["ari_median"], output)
+    return summary
+
+
+def _check_labelled(rows: list[dict], data, missing_semantic) -> None:
+    if any(row["num_labelled_voxels"] for row in rows):
+        return
+    hint = ("pass missing_semantic=0 (--missing_semantic=0) for files without semantic "
+            "labels, " if missing_semantic is None else "")
+    raise ValueError(
+        f"none of the {len(rows)} evaluated events of {data} has a labelled voxel in a "
+        f"clustered class (0-4), so no metric can be computed; {hint}check the schema's "
+        "products and instance_column against the file")
+
+
+def _summary(rows, run: inference.Run, data, format: str, projection: int,
+             postprocessing: inference.PostProcessing, missing_semantic) -> dict:
+    summary = _statistics(rows)
+    overridden = run.spatial_size != run.config.network_base.spatial_size
+    summary.update({
+        "run": {"workdir": str(run.workdir), "step": run.step, "model_name": run.model_name,
+                "config_name": run.config.name,
+                "trained_spatial_size": run.config.network_base.spatial_size},
+        "data": {"path": str(data), "format": format,
+                 "projection": projection if format == "larcv3_h5" else None,
+                 "missing_semantic": missing_semantic},
+        "spatial_size": run.spatial_size,
+        "spatial_size_overridden": overridden,
+        "semantic_source": postprocessing.semantic,
+        "postprocessing": _jsonable(dataclasses.asdict(postprocessing)),
+        "seconds_total": round(sum(row["seconds"] for row in rows), 3),
+        "caveats": ([CAVEAT_GRID] if overridden else []) + [CAVEAT_SEMANTIC],
+        "files": dict(OUTPUT_FILES),
+    })
+    return summary
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_outputs(output: pathlib.Path, rows, summary, predictions, viewer_events,
+                   dimension: int) -> None:
+    _write_csv(rows, output / OUTPUT_FILES["csv"])
+    (output / OUTPUT_FILES["summary"]).write_text(
+        json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
+    plots.ari_histogram([row["ari"] for row in rows], output / OUTPUT_FILES["histogram"])
+    index, prediction = next(iter(predictions.items()))
+    row = rows[index]
+    plots.event_display(prediction.coords[:, 1:], prediction.true_clusters(),
+                        prediction.instance, output / OUTPUT_FILES["display"],
+                        title=f"{row['source']}: ARI {row['ari']:.3f}")
+    plots.write_event_viewer(viewer_events, output / OUTPUT_FILES["viewer"],
+                             dimension=dimension,
+                             title=f"{summary['run']['config_name']} on "
+                                   f"{pathlib.Path(summary['data']['path']).name}")
