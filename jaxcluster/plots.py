@@ -184,7 +184,7 @@ def write_event_viewer(events: Sequence[dict], path: str | os.PathLike, *, dimen
         stride = max(1, int(np.ceil(len(coords) / max_voxels)))
         info = event.get("info", "")
         if stride > 1:
-            info += f"\n(showing every {stride}th of {len(coords)} voxels)"
+            info += f"\n(showing 1 in {stride} of {len(coords)} voxels)"
         records.append({
             "name": str(event["name"]),
             "coords": coords[::stride].tolist(),
