@@ -23,8 +23,8 @@ Grid size. The network is built for ``network_base.spatial_size`` voxels per axi
 files bring their own grid (a LArCV2 ROOT file here has 172 x 89 x 154 voxels, larcv3
 wire planes 2048 x 1280 pixels), so ``spatial_size`` can be overridden at load time. The
 convolutions are translation-equivariant, so a larger grid leaves the output of each
-voxel unchanged, but coordConv features and the SPICE offset ``tanh(o) + u`` depend on
-the voxel position normalised by the grid size, and for those models the override is
+voxel unchanged. coordConv features and the SPICE offset ``tanh(o) + u`` depend on the
+voxel position normalised by the grid size, so for those models the override is
 rejected. The override does not change the voxel size: a network trained on 3 mm
 generated voxels sees 1 cm voxels or wire-plane pixels as a differently scaled image.
 """
@@ -75,7 +75,7 @@ class RunDirectoryError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PostProcessing:
-    """How network outputs become instance labels.
+    """Settings that turn network outputs into instance labels.
 
     Attributes:
       semantic: ``"true"`` (default) splits the voxels by the semantic class of the

@@ -176,7 +176,7 @@ def write_event_viewer(events: Sequence[dict], path: str | os.PathLike, *, dimen
       dimension: D; 3D events can be viewed in the x-y, x-z and y-z projections.
       title: page title.
       max_voxels: events with more voxels are thinned to about this many (every k-th
-        voxel) to keep the page small; the info line says so.
+        voxel) to keep the page small, and the info line states the thinning.
     """
     records = []
     for event in events:

@@ -57,7 +57,8 @@ def _check_outputs(output: pathlib.Path, num_events: int) -> tuple[list, dict]:
         assert matplotlib.image.imread(output / name).ndim == 3
     page = (output / "events.html").read_text()
     assert "const DATA = {" in page
-    assert "http://" not in page and "https://" not in page
+    assert "http://" not in page
+    assert "https://" not in page
     return rows, summary
 
 

@@ -167,7 +167,8 @@ def test_predict_labels_match_reference_clustering(tiny_run):
     np.testing.assert_array_equal(prediction.instance, reference)
     assert prediction.coords.shape == (len(np.unique(event.image_coords, axis=0)), 4)
     assert prediction.embeddings.shape[1] == 3
-    assert prediction.margins is None and prediction.seediness is None
+    assert prediction.margins is None
+    assert prediction.seediness is None
 
 
 @pytest.mark.slow
