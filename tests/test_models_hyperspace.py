@@ -1,6 +1,7 @@
 """clustercnn_single and clusternet: shapes, sites per scale, padding, coordConv, configs."""
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,11 +10,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from jaxcluster.config import load_config_file
 from jaxcluster.models import clustercnn_single, clusternet, common
 from jaxcluster.sparse import from_points
 from jaxcluster.sparse.kernel_map import MapCache
 from jaxcluster.train.optim import freeze_labels
 
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 GRID = 16
 CAPACITY = 256
 BATCH_SIZE = 2
@@ -127,7 +130,7 @@ def slow_unless(condition):
 
 @pytest.mark.parametrize("kind, dimension", [
     pytest.param(kind, dimension, marks=slow_unless(
-        kind == "single" or (dimension == 3 and kind != "multi-stack")))
+        kind == "single" or (dimension == 3 and kind == "multi")))
     for dimension in (3, 2) for kind in KINDS])
 def test_model_outputs_per_scale(kind, dimension):
     model = build(kind, dimension)
@@ -315,3 +318,25 @@ def test_wrong_input_channels_rejected():
     with pytest.raises(ValueError, match="nInputFeatures"):
         jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                        make_batch(3, seed=6))
+
+
+@pytest.mark.parametrize("name, head, dimension", [
+    ("clusternet", "multi", 3), ("clusternet_fpn", "multi-fpn", 3),
+    ("clusternet_stack", "multi-stack", 3), ("clusternet_2d", "multi", 2),
+    ("clusternet_768", "multi", 3)])
+def test_repository_clusternet_configs_build(name, head, dimension):
+    config = load_config_file(CONFIG_DIR / f"{name}.py")
+    model = clusternet.from_config(config)
+    assert model.head == head
+    assert model.backbone == clusternet.HEAD_BACKBONES[head]
+    assert len(model.spatial_shape) == dimension
+    assert model.num_strides == config.embeddings.num_strides
+    assert model.bn_axis_name == config.network_base.bn_axis_name
+
+
+def test_repository_single_config_builds():
+    config = load_config_file(CONFIG_DIR / "clustercnn_single.py")
+    model = clustercnn_single.from_config(config)
+    assert model.num_strides == config.clustercnn_single.num_strides
+    assert model.filters == config.clustercnn_single.num_filters
+    assert model.spatial_shape == (config.network_base.spatial_size,) * 3
