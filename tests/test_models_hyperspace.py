@@ -263,6 +263,19 @@ def test_clusternet_missing_key_is_named(key):
         clusternet.from_config(make_config(omit=key))
 
 
+@pytest.mark.parametrize("section", ["embeddings", "clusternet.clustering",
+                                     "clusternet.backbone", "clustercnn_single"])
+def test_unknown_key_rejected(section):
+    config = make_config()
+    node = config
+    for part in section.split("."):
+        node = node[part]
+    node.num_filter = 4
+    builder = (clustercnn_single if section == "clustercnn_single" else clusternet).from_config
+    with pytest.raises(KeyError, match=rf"{section}\.num_filter\b"):
+        builder(config)
+
+
 def test_clusternet_missing_section_is_named():
     config = make_config()
     del config["embeddings"]

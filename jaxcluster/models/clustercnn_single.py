@@ -63,8 +63,9 @@ def from_config(config: ml_collections.ConfigDict) -> ClusterCNNSingle:
     """Build the model from ``network_base`` and ``clustercnn_single`` keys of ``config``."""
     source = f"{MODEL_NAME} config"
     base = common.read_network_base(config, source)
-    section = {key: common.read_key(config, f"{MODEL_NAME}.{key}", source)
-               for key in ("coordConv", "embedding_dim", "num_filters", "num_strides")}
+    keys = ("coordConv", "embedding_dim", "num_filters", "num_strides")
+    section = {key: common.read_key(config, f"{MODEL_NAME}.{key}", source) for key in keys}
+    common.check_known_keys(config, MODEL_NAME, keys, source)
     common.check_positive(source, **{f"{MODEL_NAME}.{key}": section[key]
                                      for key in ("embedding_dim", "num_filters", "num_strides")})
     return ClusterCNNSingle(

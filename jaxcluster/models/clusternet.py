@@ -38,6 +38,8 @@ DISTANCE_PREFIX = "distance_"
 # clusternet.clustering.name -> the backbone it reads (clusternet.backbone.name).
 HEAD_BACKBONES = {"multi": "uresnet", "multi-fpn": "fpn", "multi-stack": "stack"}
 BACKBONES = {"uresnet": UResNet, "fpn": FPN, "stack": StackedUResNet}
+CLUSTERING_KEYS = ("name", "compute_distance_estimate", "dist_N", "dist_simple_conv",
+                   "freeze_embeddings")
 
 
 class TransformBlocks(nn.Module):
@@ -126,7 +128,7 @@ class ClusterNet(nn.Module):
 
     Returns a dict of lists with one entry per scale, finest first: ``embeddings``
     (``[cap, E]``), ``coords`` (``[cap, 1 + D]``) and ``valid`` (``[cap]``). With
-    ``compute_distance_estimate`` it also holds ``distance_estimate``, ``[cap, 2]`` at the
+    ``compute_distance_estimate`` it also contains ``distance_estimate``, ``[cap, 2]`` at the
     finest scale. Padding rows are zero.
     """
 
@@ -255,9 +257,13 @@ def from_config(config: ml_collections.ConfigDict) -> ClusterNet:
             "distance-estimation branch, but compute_distance_estimate=False; enable the "
             "branch or set freeze_embeddings=False")
 
-    embeddings = {key: read(f"embeddings.{key}") for key in
-                  ("N", "simple_conv", "coordConv", "num_filters", "num_strides",
-                   "embedding_dim")}
+    embedding_keys = ("N", "simple_conv", "coordConv", "num_filters", "num_strides",
+                      "embedding_dim")
+    embeddings = {key: read(f"embeddings.{key}") for key in embedding_keys}
+    for section, keys in (("embeddings", embedding_keys),
+                          ("clusternet.backbone", ("name", "reduce_feature")),
+                          ("clusternet.clustering", CLUSTERING_KEYS)):
+        common.check_known_keys(config, section, keys, source)
     common.check_positive(source, **{f"embeddings.{key}": embeddings[key]
                                      for key in ("num_filters", "num_strides", "embedding_dim")})
     for key, value in (("embeddings.N", embeddings["N"]),

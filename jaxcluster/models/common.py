@@ -59,6 +59,16 @@ def read_key(config: ml_collections.ConfigDict, key: str, source: str = "config"
     return node
 
 
+def check_known_keys(config: ml_collections.ConfigDict, section: str, known,
+                     source: str = "config") -> None:
+    """Raise KeyError naming any key of ``config.<section>`` that is not in ``known``."""
+    node = read_key(config, section, source)
+    unknown = [f"{section}.{key}" for key in sorted(set(node.keys()) - set(known))]
+    if unknown:
+        raise KeyError(f"{source}: unknown configuration keys {unknown}; {section} accepts "
+                       f"{sorted(known)}, so fix the spelling or remove them")
+
+
 def read_network_base(config: ml_collections.ConfigDict, source: str = "config") -> dict:
     """Read the ``network_base`` section into model attribute names.
 
