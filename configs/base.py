@@ -32,11 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.clusternet = ml_collections.ConfigDict()
     config.clusternet.backbone = ml_collections.ConfigDict()
     config.clusternet.backbone.name = "uresnet"  # backbone: uresnet | fpn | stack
-    config.clusternet.backbone.reduce_feature = False  # 1x1 convolution that reduces backbone features before the heads
+    config.clusternet.backbone.reduce_feature = "linear"  # stack backbone only: how the stacked scales are reduced: linear (1x1) | conv | resnet
     config.clusternet.clustering = ml_collections.ConfigDict()
     config.clusternet.clustering.name = "multi"  # embedding decoder: multi | multi-fpn | multi-stack
     config.clusternet.clustering.compute_distance_estimate = False  # add the distance-estimate branch
-    config.clusternet.clustering.dist_N = 3  # number of decoder scales fed to the distance-estimate branch
+    config.clusternet.clustering.dist_N = 3  # transform blocks of the distance-estimate branch
     config.clusternet.clustering.dist_simple_conv = False  # plain convolutions instead of residual blocks in that branch
     config.clusternet.clustering.freeze_embeddings = False  # train only the distance-estimate branch
 

@@ -212,17 +212,17 @@ def check_names(head: str, backbone: str, reduce_feature, source: str) -> None:
 def read_reduce_feature(value, backbone: str, source: str) -> str:
     """Return the stacked backbone's reduction from ``clusternet.backbone.reduce_feature``.
 
-    ``False`` (the base config's value) selects the default ``linear`` reduction for the
-    stacked backbone. Only the stacked backbone reduces features, so another backbone
-    with a reduction name set is an error rather than a silently ignored key.
+    ``linear`` is the default and applies to the stacked backbone only. Another backbone
+    with a different reduction name set is an error rather than a silently ignored key.
+    ``False`` or ``None`` (older configs) mean ``linear``.
     """
     if value is False or value is None:
         return "linear"
-    if backbone != "stack":
+    if backbone != "stack" and value != "linear":
         raise ValueError(
             f"{source}: clusternet.backbone.reduce_feature={value!r} only applies to the "
-            f"'stack' backbone, but clusternet.backbone.name={backbone!r}; set "
-            "reduce_feature=False or use the 'stack' backbone")
+            f"'stack' backbone, but clusternet.backbone.name={backbone!r}; keep the default "
+            "'linear' or use the 'stack' backbone")
     if value not in REDUCE_FEATURES:
         raise ValueError(f"{source}: clusternet.backbone.reduce_feature={value!r} is invalid; "
                          f"choose one of {REDUCE_FEATURES} (or False for 'linear')")

@@ -10,11 +10,11 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-log = logging.getLogger(__name__)
-
 # Models name every submodule of the distance-estimate branch with this prefix; with
 # clusternet.clustering.freeze_embeddings only parameters under such a submodule train.
-DISTANCE_PREFIX = "distance_"
+from jaxcluster.models.clusternet import DISTANCE_PREFIX
+
+log = logging.getLogger(__name__)
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
