@@ -25,7 +25,7 @@ from jaxcluster.train import parallel
 SIZE = 16
 CAPACITY = 128
 BATCH_SIZE = 2
-# Points lie in [0, SIZE // 2) per axis, so a shift by SHIFT stays inside the grid; SHIFT
+# Points lie in [0, SIZE // 2) per axis, so a shift by SHIFT stays inside the grid. SHIFT
 # is a multiple of 2**(NUM_STRIDES - 1), so shifted events keep the same stride-2 pattern.
 NUM_STRIDES = 3
 SHIFT = 8
@@ -160,15 +160,15 @@ def compiled_forward(name):
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_gradient(name):
+def compiled_gradient(name, train):
     """``(model, variables, step)``; ``step(params, stats, batch, weights)`` returns the
-    gradient of a weighted output sum in training mode and the outputs."""
+    value and gradient of a weighted output sum, and the outputs."""
     model = make_model(name)
     batch = random_batch(dimension_of(name))
     variables = random_variables(model, batch, seed=1)
 
     def weighted_sum(params, stats, batch, weights):
-        outputs, _ = model.apply({"params": params, "batch_stats": stats}, batch, train=True,
+        outputs, _ = model.apply({"params": params, "batch_stats": stats}, batch, train=train,
                                  mutable=["batch_stats"])
         total = sum(jnp.sum(outputs[key] * weights[key]) for key in weights)
         return total, outputs
@@ -364,6 +364,14 @@ def test_wrong_feature_count_is_rejected():
         jax.eval_shape(lambda b: model.init(jax.random.PRNGKey(0), b, train=False), batch)
 
 
+def test_numpy_batch_outside_jit_is_accepted():
+    # A batch closed over by the traced function stays NumPy, as in a notebook call.
+    model = make_model("free_2d")
+    batch = random_batch(2)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch, train=False))
+    assert "params" in shapes
+
+
 def test_wrong_dimension_is_rejected():
     model = make_model("offset_3d")
     batch = random_batch(2)
@@ -379,8 +387,31 @@ def flat_gradients(grads):
     return traverse_util.flatten_dict(jax.tree_util.tree_map(np.asarray, grads), sep="/")
 
 
-def run_gradient_checks(name):
-    model, variables, step = compiled_gradient(name)
+def check_finite_difference(step, params, stats, batch, weights, direction, epsilon):
+    """Compare the gradient along ``direction`` with a central finite difference."""
+    (_, _), grads = step(params, stats, batch, weights)
+    analytic = sum(float(jnp.sum(g * d)) for g, d in zip(jax.tree_util.tree_leaves(grads),
+                                                          jax.tree_util.tree_leaves(direction)))
+    values = []
+    for sign in (1.0, -1.0):
+        moved = jax.tree_util.tree_map(lambda p, d: p + sign * epsilon * d, params, direction)
+        values.append(float(step(moved, stats, batch, weights)[0][0]))
+    numeric = (values[0] - values[1]) / (2 * epsilon)
+    np.testing.assert_allclose(analytic, numeric, rtol=0.02, atol=1e-3)
+
+
+def random_direction(params, rng, prefixes=None):
+    """A random tangent of ``params``, zero outside the top-level ``prefixes`` if given."""
+    def leaf(path, p):
+        top = getattr(path[0], "key", None)
+        if prefixes is not None and top not in prefixes:
+            return jnp.zeros_like(p)
+        return jnp.asarray(rng.normal(size=p.shape).astype(np.float32))
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def run_training_gradient_checks(name):
+    model, variables, step = compiled_gradient(name, True)
     dimension = dimension_of(name)
     batch = random_batch(dimension, seed=8)
     rng = np.random.default_rng(9)
@@ -388,6 +419,7 @@ def run_gradient_checks(name):
     params, stats = variables["params"], variables["batch_stats"]
 
     (value, outputs), grads = step(params, stats, batch, weights)
+    assert np.isfinite(value)
     check_outputs(model, batch, jax.tree_util.tree_map(np.asarray, outputs))
     flat = flat_gradients(grads)
     for path, grad in flat.items():
@@ -397,19 +429,11 @@ def run_gradient_checks(name):
         norm = sum(float(np.sum(g ** 2)) for p, g in flat.items() if p.startswith(prefix))
         assert norm > 0, f"no gradient reaches {prefix}"
 
-    # Directional derivative against a central finite difference.
-    direction = jax.tree_util.tree_map(
-        lambda p: jnp.asarray(rng.normal(size=p.shape).astype(np.float32)), params)
-    epsilon = 1e-3
-    moved = [jax.tree_util.tree_map(lambda p, d, s=s: p + s * epsilon * d, params, direction)
-             for s in (1.0, -1.0)]
-    plus = float(step(moved[0], stats, batch, weights)[0][0])
-    minus = float(step(moved[1], stats, batch, weights)[0][0])
-    numeric = (plus - minus) / (2 * epsilon)
-    analytic = sum(float(jnp.sum(g * d)) for g, d in zip(jax.tree_util.tree_leaves(grads),
-                                                          jax.tree_util.tree_leaves(direction)))
-    assert np.isfinite(value)
-    np.testing.assert_allclose(analytic, numeric, rtol=0.05, atol=0.05 * abs(numeric) + 1e-2)
+    # Training-mode batch norm at the coarse levels, with a handful of rows, bends the
+    # loss too sharply for a finite difference along every parameter. The head
+    # parameters come after the last statistics, so the loss is smooth along them.
+    heads = random_direction(params, rng, prefixes=("cluster_head", "seediness_head"))
+    check_finite_difference(step, params, stats, batch, weights, heads, epsilon=1e-3)
 
     # NaN on padding rows changes neither the outputs nor the gradient.
     dirty = dict(batch, features=batch["features"].copy())
@@ -427,15 +451,37 @@ def run_gradient_checks(name):
         assert np.isfinite(grad).all(), path
 
 
-def test_gradients_finite_and_match_finite_difference():
-    run_gradient_checks("offset_2d")
+def run_inference_gradient_check(name):
+    """Finite difference along every parameter, with batch norm on running statistics."""
+    model, variables, step = compiled_gradient(name, False)
+    batch = random_batch(dimension_of(name), seed=8)
+    rng = np.random.default_rng(10)
+    weights = output_weights(model, rng)
+    params, stats = variables["params"], variables["batch_stats"]
+    direction = random_direction(params, rng)
+    check_finite_difference(step, params, stats, batch, weights, direction, epsilon=3e-4)
+
+
+def test_training_gradients_finite():
+    run_training_gradient_checks("offset_2d")
+
+
+def test_gradient_matches_finite_difference():
+    run_inference_gradient_check("offset_2d")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["offset_3d", "stack_2d", "stack_3d", "free_2d",
                                   "free_3d_stack"])
-def test_gradients_all_variants(name):
-    run_gradient_checks(name)
+def test_training_gradients_all_variants(name):
+    run_training_gradient_checks(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["offset_3d", "stack_2d", "stack_3d", "free_2d",
+                                  "free_3d_stack"])
+def test_finite_difference_all_variants(name):
+    run_inference_gradient_check(name)
 
 
 # ----------------------------------------------------------------------------------------
@@ -443,7 +489,7 @@ def test_gradients_all_variants(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["offset_3d", "stack_2d", "free_2d"])
+@pytest.mark.parametrize("name", ["stack_2d"])
 def test_jitted_init_matches_shapes(name):
     model = make_model(name)
     batch = random_batch(dimension_of(name))

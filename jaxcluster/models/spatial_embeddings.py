@@ -86,8 +86,9 @@ class _SpatialEmbeddingsBase(nn.Module):
         """Run the model on one device's padded batch.
 
         Args:
-          batch: the layout of ``jaxcluster.data.batch``; reads ``coords [cap, 1 + D]``,
-            ``features [cap, C]``, ``valid [cap]`` and ``event_valid [B]``.
+          batch: one device's batch in the layout of ``jaxcluster.data.batch``. The model
+            reads ``coords [cap, 1 + D]``, ``features [cap, C]``, ``valid [cap]`` and
+            ``event_valid [B]``.
           train: batch statistics (True) or running statistics (False) in batch norm.
 
         Returns:
@@ -126,8 +127,11 @@ class _SpatialEmbeddingsBase(nn.Module):
 
         # Batch norm multiplies every row by its mask, and NaN * 0 is NaN. Zeroing the
         # padding rows keeps a NaN or stray value there out of the statistics.
-        features = jnp.where(tensor.valid[:, None], tensor.features.astype(jnp.float32), 0.0)
-        tensor = tensor.replace(features=features)
+        valid = jnp.asarray(tensor.valid)
+        features = jnp.where(valid[:, None], jnp.asarray(tensor.features, jnp.float32), 0.0)
+        # The kernel maps index with jax.Array methods, so NumPy inputs are converted here.
+        tensor = tensor.replace(coords=jnp.asarray(tensor.coords), features=features,
+                                valid=valid)
         if self.coord_conv:
             tensor = common.add_coordinates(tensor)
         return tensor
@@ -148,7 +152,10 @@ class _SpatialEmbeddingsBase(nn.Module):
 
     def _stack_branch(self, tensor: SparseTensor, train: bool, cache: MapCache):
         # The stacked features are reduced to num_filters channels by BN - LeakyReLU - 1x1,
-        # the lightest reduction; no configuration key selects another.
+        # the lightest reduction. No configuration key selects another.
+        # NOTE: StackedUResNet also normalises its finest decoder level for its "features"
+        # output, which this model does not read, so those batch-norm parameters
+        # (backbone/uresnet/output_norm) never receive a gradient.
         out = StackedUResNet(self.num_filters, self.num_strides, self.reps,
                              self.input_kernel_size, self.leakiness, self.allow_bias,
                              self.bn_axis_name, reduce_feature="linear",
@@ -193,7 +200,7 @@ class SpatialEmbeddingsFree(_SpatialEmbeddingsBase):
     The embedding is the raw output of the 1x1 output layer (identity activation), with
     no coordinate offset, so ``embedding_dim`` may exceed D and the network sets the
     scale of the space. Margins keep ``2 * sigmoid`` and so lie in (0, 2) embedding
-    units; the embeddings scale to match them.
+    units, and the embeddings learn a scale that matches them.
 
     Attributes:
       backbone: ``uresnet`` or ``stack``, the backbone of the embedding branch.

@@ -72,7 +72,7 @@ class ClusterHead(nn.Module):
     @nn.compact
     def __call__(self, x: SparseTensor, train: bool) -> dict:
         """Return ``embeddings [cap, E]``, ``margins [cap, sigma_dim]`` and, when
-        ``rotation`` is set, ``rotation [cap, R]``; padding rows are zero."""
+        ``rotation`` is set, ``rotation [cap, R]``. Padding rows are zero."""
         num_rotation = rotation_dim(self.embedding_dim) if self.rotation else 0
         width = self.embedding_dim + self.sigma_dim + num_rotation
         x = NormActivation(self.leakiness, self.axis_name)(x, train)
@@ -95,7 +95,7 @@ class ClusterHead(nn.Module):
 
 
 class SeedinessHead(nn.Module):
-    """Seediness ``[cap, seediness_dim]`` in (0, 1) from one feature tensor; padding rows
+    """Seediness ``[cap, seediness_dim]`` in (0, 1) from one feature tensor. Padding rows
     are zero."""
 
     seediness_dim: int = 1
