@@ -536,6 +536,37 @@ def test_pmap_batch_norm_equals_one_device():
                                        atol=1e-5, err_msg=f"{key}, event {event}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name,loss_name", [("offset_3d", "se_lovasz_ellipse"),
+                                            ("free_2d", "se_bce_ellipse")])
+def test_loss_gradients_finite(name, loss_name):
+    """The outputs feed the SPICE loss of their kernel, and its gradient is finite."""
+    from jaxcluster.losses.spatial_embeddings import make_loss
+
+    model, variables, _ = compiled_forward(name)
+    batch = random_batch(dimension_of(name), seed=12)
+    rng = np.random.default_rng(13)
+    valid = batch["valid"]
+    batch["instance"][0] = np.where(valid, rng.integers(-1, 3, CAPACITY), -1)
+    batch["semantic"][0] = np.where(valid, rng.integers(0, 2, CAPACITY), -1)
+    batch["scale_valid"][0] = valid
+    loss_fn = make_loss(loss_name, batch_size=BATCH_SIZE, max_clusters=16)
+
+    def loss_of(params):
+        outputs, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                 batch, train=True, mutable=["batch_stats"])
+        loss, _ = loss_fn(outputs["embeddings"], outputs["margins"], outputs["seediness"],
+                          outputs["coords"][:, 0], batch["semantic"][0], batch["instance"][0],
+                          batch["scale_valid"][0], outputs.get("rotation"))
+        return loss
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_of))(variables["params"])
+    assert np.isfinite(float(loss))
+    assert float(loss) > 0
+    for path, grad in flat_gradients(grads).items():
+        assert np.isfinite(grad).all(), path
+
+
 # ----------------------------------------------------------------------------------------
 # Configuration.
 
