@@ -36,18 +36,22 @@ test-fast: $(STAMP)
 $(TRAIN_FILE): | $(STAMP)
 	mkdir -p $(DATA_DIR)
 	$(PY) experiments/make_dataset.py --output=$@ --num_events=$(TRAIN_EVENTS) \
-		--spatial_size=$(SPATIAL_SIZE) --seed=0
+		--spatial_size=$(SPATIAL_SIZE) --seed=0 --workers=2
 
 $(VALID_FILE): | $(STAMP)
 	mkdir -p $(DATA_DIR)
 	$(PY) experiments/make_dataset.py --output=$@ --num_events=$(VALID_EVENTS) \
-		--spatial_size=$(SPATIAL_SIZE) --seed=1
+		--spatial_size=$(SPATIAL_SIZE) --seed=1 --workers=2
 
 data: $(TRAIN_FILE) $(VALID_FILE)
 
+# Trains (or resumes) the run, then clusters the held-out events and reports ARI,
+# purity and efficiency in $(WORKDIR)/evaluation/summary.json.
 train: $(STAMP) data
 	$(PY) experiments/train.py --config=$(CONFIG) --workdir=$(WORKDIR) \
 		--config.data.train_file=$(TRAIN_FILE) --config.data.valid_file=$(VALID_FILE)
+	$(PY) experiments/evaluate.py --workdir=$(WORKDIR) --data=$(VALID_FILE) \
+		--output=$(WORKDIR)/evaluation
 
 bench: $(STAMP)
 	$(PY) experiments/bench_sparse_conv.py
