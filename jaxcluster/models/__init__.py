@@ -10,15 +10,20 @@ import ml_collections
 
 from jaxcluster.models import clustercnn_single, clusternet, spatial_embeddings
 
+def _spatial_embeddings(variant: str):
+    def build(config: ml_collections.ConfigDict):
+        # Only the full-covariance loss uses per-voxel rotations; it also needs sigma_dim = D.
+        rotation = config.clustering_loss.name == "se_lovasz_ellipse"
+        return spatial_embeddings.from_config(config, variant, rotation=rotation)
+    return build
+
+
 MODELS = {
     "clustercnn_single": clustercnn_single.from_config,
     "clusternet": clusternet.from_config,
-    "spatial_embeddings": lambda config: spatial_embeddings.from_config(
-        config, "spatial_embeddings"),
-    "spatial_embeddings_stack": lambda config: spatial_embeddings.from_config(
-        config, "spatial_embeddings_stack"),
-    "spatial_embeddings_free": lambda config: spatial_embeddings.from_config(
-        config, "spatial_embeddings_free"),
+    "spatial_embeddings": _spatial_embeddings("spatial_embeddings"),
+    "spatial_embeddings_stack": _spatial_embeddings("spatial_embeddings_stack"),
+    "spatial_embeddings_free": _spatial_embeddings("spatial_embeddings_free"),
 }
 
 
