@@ -190,7 +190,7 @@ class MapCache:
         return self._stride[st.stride]
 
     def coarse_tensor(self, st: SparseTensor, features) -> SparseTensor:
-        """The stride-doubled tensor of ``st``'s sites carrying ``features``."""
+        """Return the stride-doubled tensor of ``st``'s sites carrying ``features``."""
         step = self.stride(st)
         return SparseTensor(coords=step.coarse_coords, features=features,
                             valid=step.coarse_valid, spatial_shape=st.spatial_shape,
