@@ -16,8 +16,9 @@ reports:
   reports memory statistics (GPU, TPU), else the process's peak resident set size.
 
 Each config runs in its own subprocess by default, so peak memory and compile caches
-do not carry over from one config to the next. Nothing here assumes a CPU: the same
-command runs on a GPU machine.
+do not carry over from one config to the next. Nothing here assumes a CPU or a device
+count: devices come from ``train.num_local_devices`` as in training.
+NOTE: so far this script has only run on CPU; no GPU run has checked it yet.
 
 Usage:
   python experiments/bench_train.py [--configs=clusternet,spatial_embeddings] [--steps=10]
