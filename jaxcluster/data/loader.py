@@ -499,6 +499,11 @@ class Loader:
         self._generator = None
         _close_prefetcher(self._holder)
 
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch (the training log's epoch column)."""
+        return self._epoch
+
     def state(self) -> dict[str, int]:
         """Return the position after the last batch returned, as plain ints for a checkpoint."""
         return {"epoch": self._epoch, "position": self._position, "seed": int(self.seed),
