@@ -1,7 +1,7 @@
 """Every configuration under configs/ trains with the real model, loss and loader.
 
 Each config runs a few steps at a tiny size (32 voxels per axis, 4 filters, 3 levels) on
-a generated file that contains exactly one batch, so every step sees the same events
+a generated file that contains exactly one batch, so every step trains on the same events
 and the loss must fall from the first step to the last.
 """
 
