@@ -4,16 +4,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Default dataset and run of `make train`; override on the command line,
-# e.g. `make train TRAIN_EVENTS=4000 WORKDIR=runs/big`.
+# Default dataset and run of `make train`; override on the command line, e.g.
+# `make train TRAIN_EVENTS=4000 WORKDIR=runs/big TRAIN_ARGS="--config.train.num_steps=200"`.
 DATA_DIR ?= data
-TRAIN_FILE ?= $(DATA_DIR)/train_192.h5
-VALID_FILE ?= $(DATA_DIR)/valid_192.h5
+SPATIAL_SIZE ?= 192
+TRAIN_FILE ?= $(DATA_DIR)/train_$(SPATIAL_SIZE).h5
+VALID_FILE ?= $(DATA_DIR)/valid_$(SPATIAL_SIZE).h5
 TRAIN_EVENTS ?= 2000
 VALID_EVENTS ?= 100
-SPATIAL_SIZE ?= 192
 CONFIG ?= configs/clusternet.py
 WORKDIR ?= runs/clusternet
+TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: venv test test-fast train data bench clean
@@ -49,7 +50,8 @@ data: $(TRAIN_FILE) $(VALID_FILE)
 # purity and efficiency in $(WORKDIR)/evaluation/summary.json.
 train: $(STAMP) data
 	$(PY) experiments/train.py --config=$(CONFIG) --workdir=$(WORKDIR) \
-		--config.data.train_file=$(TRAIN_FILE) --config.data.valid_file=$(VALID_FILE)
+		--config.data.train_file=$(TRAIN_FILE) --config.data.valid_file=$(VALID_FILE) \
+		--config.network_base.spatial_size=$(SPATIAL_SIZE) $(TRAIN_ARGS)
 	$(PY) experiments/evaluate.py --workdir=$(WORKDIR) --data=$(VALID_FILE) \
 		--output=$(WORKDIR)/evaluation
 

@@ -216,6 +216,26 @@ def write_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     return path
 
 
+def config_differences(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> list[str]:
+    """Return the keys whose value in ``workdir``'s config.json differs from ``config``.
+
+    An empty list when the directory holds no config.json.
+    """
+    path = pathlib.Path(workdir) / CONFIG_FILE_NAME
+    if not path.is_file():
+        return []
+    stored = json.loads(path.read_text())
+    current = json.loads(config.to_json_best_effort(sort_keys=True))
+    return [f"{key} ({_lookup(stored, key)!r} -> {_lookup(current, key)!r})"
+            for key in _diff_keys(stored, current)]
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         changed = []

@@ -20,16 +20,31 @@ TENSORBOARD_DIR = "tensorboard"
 class CsvLog:
     """Append rows to a CSV file whose columns are fixed by the first row written.
 
-    A resumed run appends to the existing file and keeps its header. Keys missing from
-    a row are left empty and keys unknown to the header raise, so a column never shifts.
+    A resumed run appends to the existing file and keeps its header. Rows of steps after
+    ``keep_through_step`` (steps that ran after the checkpoint the run resumes from) are
+    removed first, so every step appears once. Keys missing from a row are left empty and
+    keys unknown to the header raise, so a column never shifts.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, keep_through_step: int | None = None):
         self.path = pathlib.Path(path)
         self._columns: list[str] | None = None
         if self.path.is_file() and self.path.stat().st_size > 0:
             with self.path.open(newline="") as handle:
-                self._columns = next(csv.reader(handle))
+                rows = list(csv.reader(handle))
+            self._columns = rows[0]
+            if keep_through_step is not None and "step" in self._columns:
+                self._drop_rows_after(rows, keep_through_step)
+
+    def _drop_rows_after(self, rows: list[list[str]], last_step: int) -> None:
+        column = self._columns.index("step")
+        kept = [row for row in rows[1:] if row and int(row[column]) <= last_step]
+        dropped = len(rows) - 1 - len(kept)
+        if dropped:
+            log.info("%s: removed %d rows of steps after %d, which the resumed run repeats",
+                     self.path, dropped, last_step)
+            with self.path.open("w", newline="") as handle:
+                csv.writer(handle).writerows([self._columns] + kept)
 
     def write(self, row: Mapping[str, object]) -> None:
         if self._columns is None:
@@ -58,8 +73,8 @@ class RunLogger:
         self.is_primary = is_primary
         self.log_every_steps = log_every_steps
         workdir = pathlib.Path(workdir)
-        self._train_csv = CsvLog(workdir / TRAIN_CSV) if is_primary else None
-        self._eval_csv = CsvLog(workdir / EVAL_CSV) if is_primary else None
+        self._train_csv = CsvLog(workdir / TRAIN_CSV, initial_step) if is_primary else None
+        self._eval_csv = CsvLog(workdir / EVAL_CSV, initial_step) if is_primary else None
         self._tensorboard = None
         if is_primary:
             # Imported here because tensorboardX pulls in protobuf, which tests of the

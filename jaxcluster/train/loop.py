@@ -23,7 +23,7 @@ from flax import serialization
 
 from jaxcluster import config as config_lib
 from jaxcluster.train import components, optim, parallel, step
-from jaxcluster.train.checkpoint import Checkpointer
+from jaxcluster.train.checkpoint import CheckpointMismatchError, Checkpointer
 from jaxcluster.train.logger import RunLogger, quiet_library_logs
 from jaxcluster.train.state import TrainState, count_parameters, create_train_state
 
@@ -172,8 +172,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                          f"{process_count} processes of this run; use a multiple of {process_count}")
     devices = parallel.training_devices(config.train.num_local_devices)
     workdir = pathlib.Path(workdir)
-    if process_index == 0:
-        config_lib.write_config(config, workdir, command_line)
 
     model = model if model is not None else components.build_model(config)
     loss_fn = loss_fn if loss_fn is not None else components.build_loss(config)
@@ -191,20 +189,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, max_to_keep=config.train.max_to_keep)
     try:
         return _train(config, workdir, model, loss_fn, train_data, eval_data, evaluate_fn,
-                      checkpointer, data_description, devices)
+                      checkpointer, data_description, devices, command_line)
     finally:
         checkpointer.close()
 
 
 def _train(config, workdir, model, loss_fn, train_data, eval_data, evaluate_fn,
-           checkpointer: Checkpointer, data_description: str, devices: list) -> TrainState:
+           checkpointer: Checkpointer, data_description: str, devices: list,
+           command_line) -> TrainState:
     latest = checkpointer.latest_step()
     if latest is not None:
         train_data.restore(checkpointer.restore_data(latest))
     batch = next(train_data)
     state = _initial_state(config, model, batch)
     if latest is not None:
-        state = _restore(checkpointer, latest, state)
+        try:
+            state = _restore(checkpointer, latest, state)
+        except CheckpointMismatchError as error:
+            changed = config_lib.config_differences(workdir, config)
+            if not changed:
+                raise
+            raise CheckpointMismatchError(
+                f"{error}\nThis run's config differs from {workdir / config_lib.CONFIG_FILE_NAME} "
+                f"(the config that wrote the checkpoint) in: {', '.join(changed)}") from error
+    # Written only now, so that a rejected resume leaves the run's own config in place.
+    if jax.process_index() == 0:
+        config_lib.write_config(config, workdir, command_line)
     _log_start(config, state, devices, data_description, latest)
 
     bound = dict(model=model, loss_fn=loss_fn, axis_name=parallel.AXIS_NAME)
