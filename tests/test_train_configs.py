@@ -10,7 +10,6 @@ import pathlib
 
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from jaxcluster import config as config_lib
 from jaxcluster.data import generator
@@ -70,24 +69,6 @@ def one_batch_files(tmp_path_factory):
     return {dimension: generate_events_file(directory / f"events_{dimension}d.h5", NUM_EVENTS,
                                             dimension)
             for dimension in (2, 3)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Share compiled steps between runs of this module that build the same network."""
-    import jax
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    previous = {name: getattr(jax.config, name) for name in names}
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    yield
-    # reset_cache drops the open cache, so later modules do not write into this one.
-    compilation_cache.reset_cache()
-    for name, value in previous.items():
-        jax.config.update(name, value)
 
 
 def _config_param(path):

@@ -17,8 +17,7 @@ import jax
 import numpy as np
 import pytest
 from flax import serialization
-# compile_cache is an autouse fixture; importing it applies it to this module too.
-from test_train_configs import CONFIG_DIR, compile_cache, generate_events_file, tiny_overrides  # noqa: F401
+from test_train_configs import CONFIG_DIR, generate_events_file, tiny_overrides
 
 from jaxcluster import config as config_lib
 from jaxcluster.train import checkpoint, components, logger, loop

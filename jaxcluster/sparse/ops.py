@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxcluster.sparse.kernel_map import KernelMap, MapCache
+from jaxcluster.sparse.kernel_map import MapCache
 from jaxcluster.sparse.tensor import SparseTensor
 
 
