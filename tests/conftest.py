@@ -15,6 +15,9 @@ for _flag in _TEST_FLAGS:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import gc  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,3 +44,23 @@ def larcv_root_path() -> pathlib.Path:
 @pytest.fixture
 def larcv3_h5_path() -> pathlib.Path:
     return real_file("cosmic_tagging_light.h5")
+
+
+@pytest.fixture(autouse=True)
+def release_compiled_programs():
+    """Drop JAX's compiled programs after each test.
+
+    Each compiled XLA program holds about three memory mappings (measured: 300 small jits
+    added 960), and the kernel allows 65,530 per process (vm.max_map_count). Workers
+    that ran several hundred tests were twice aborted inside an XLA compile, which fits
+    running out of mappings; clearing the caches keeps a worker far from the limit.
+    """
+    yield
+    jax.clear_caches()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def collect_garbage_per_module():
+    """Free compiled programs that only reference cycles still keep alive."""
+    yield
+    gc.collect()

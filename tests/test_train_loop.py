@@ -1,6 +1,7 @@
 """End-to-end runs of train_and_evaluate with the toy model, loss and loader."""
 
 import functools
+import json
 
 import jax
 import numpy as np
@@ -53,8 +54,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     jax.tree_util.tree_map(assert_close, resumed.opt_state, full.opt_state)
     np.testing.assert_array_equal(resumed.rng, full.rng)
     steps = [int(row["step"]) for row in _train_rows(tmp_path / "split")]
-    # Step 4 ran before the crash and again after the resume from step 3.
-    assert steps == [1, 2, 3, 4, 4, 5, 6]
+    # Step 4 ran before the crash and again after the resume from step 3; the resume
+    # removes the first run's row, so every step is logged once.
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow
@@ -105,6 +107,17 @@ def test_restore_other_architecture_raises(tmp_path):
     assert "(4, 8)" in message
     assert "(4, 5)" in message
     assert "--workdir" in message
+
+
+def test_rejected_resume_keeps_run_config(tmp_path):
+    testing.run_toy_training(tmp_path, ["train.num_steps=1"])
+    written = json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(checkpoint.CheckpointMismatchError) as error:
+        testing.run_toy_training(tmp_path, ["train.num_steps=2", "optimizer.learning_rate=0.5"],
+                                 model=testing.ToyModel(hidden=5))
+    assert "optimizer.learning_rate" in str(error.value)
+    assert json.loads((tmp_path / "config.json").read_text()) == written
+    assert not (tmp_path / "config.json.previous").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
