@@ -32,8 +32,8 @@ def check_command_line(argv: list[str]) -> str | None:
     """Return a one-paragraph error for a bad --config file, key or value, else None.
 
     absl parses --config.a.b overrides inside ml_collections, whose errors arrive as long
-    tracebacks; checking the same overrides here first gives the user a short message
-    that names the key, the closest valid key and configs/base.py.
+    tracebacks. Checking the same overrides here first gives a short message that names
+    the key, the closest valid key and configs/base.py.
     """
     config_path = None
     overrides = []

@@ -219,7 +219,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 def config_differences(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> list[str]:
     """Return the keys whose value in ``workdir``'s config.json differs from ``config``.
 
-    An empty list when the directory holds no config.json.
+    Returns an empty list when the directory contains no config.json.
     """
     path = pathlib.Path(workdir) / CONFIG_FILE_NAME
     if not path.is_file():

@@ -6,7 +6,7 @@ import pathlib
 # Two host devices let the multi-device tests run on a CPU-only machine. The flags must be
 # set before jax is first imported, which is why they live at the top of conftest.
 # Compiling with LLVM optimisations off cut a UResNet test from 113 s to 16 s on 2 CPU
-# cores; the tests run small inputs, so the slower generated code costs little.
+# cores. The tests run small inputs, so the slower generated code costs little.
 _TEST_FLAGS = ("--xla_force_host_platform_device_count=2",
                "--xla_backend_optimization_level=0",
                "--xla_llvm_disable_expensive_passes=true")
@@ -50,7 +50,7 @@ def larcv3_h5_path() -> pathlib.Path:
 def release_compiled_programs():
     """Drop JAX's compiled programs after each test.
 
-    Each compiled XLA program holds about three memory mappings (measured: 300 small jits
+    Each compiled XLA program keeps about three memory mappings (measured: 300 small jits
     added 960), and the kernel allows 65,530 per process (vm.max_map_count). Workers
     that ran several hundred tests were twice aborted inside an XLA compile, which fits
     running out of mappings; clearing the caches keeps a worker far from the limit.

@@ -13,7 +13,7 @@ leading device axis.
 | ``instance`` | ``[S, cap] int32`` | instance id per row at scale s, -1 for none and padding |
 | ``semantic`` | ``[S, cap] int32`` | semantic class per row at scale s, -1 on padding |
 | ``scale_valid`` | ``[S, cap] bool`` | real rows at scale s |
-| ``event_valid`` | ``[B] bool`` | event slot holds a real event (False for slots that pad a batch to the device count) |
+| ``event_valid`` | ``[B] bool`` | event slot contains a real event (False for slots that pad a batch to the device count) |
 
 Scale s holds the sites ``unique(floor(x / 2**s))`` per event, in the same sorted order
 as the network's stride-``2**s`` tensor, so the labels of scale s line up row for row

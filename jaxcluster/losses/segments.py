@@ -1,6 +1,6 @@
 """Masked segment helpers shared by the clustering losses.
 
-A loss sees one flat, padded batch of rows (voxels). Each row belongs to an event slot
+A loss receives one flat, padded batch of rows (voxels). Each row belongs to an event slot
 (batch index), a semantic class and an instance id. Losses are computed per cluster,
 averaged per (event, class) group, then over groups; these helpers turn the row labels
 into static-size segment indices so that every reduction is a ``segment_sum``.
@@ -31,9 +31,9 @@ class ClusterIndex:
       cluster_size: ``[M] float32``, number of rows of each cluster.
       num_clusters: ``[] int32``, distinct clusters found, which may exceed
         ``max_clusters``.
-      overflow: ``[] bool``, more clusters than ``max_clusters``; the extra clusters'
-        rows then have ``segment == max_clusters`` and are not in the loss, so callers
-        must check this flag (the training loop raises on it).
+      overflow: ``[] bool``, more clusters than ``max_clusters``. The extra clusters'
+        rows then have ``segment == max_clusters`` and are left out of the loss, so
+        callers must check this flag (the training loop raises on it).
       max_clusters: static M.
       num_groups: static ``batch_size * num_classes``.
       num_classes: static.

@@ -24,7 +24,7 @@ INT32_LIMIT = np.iinfo(np.int32).max  # also the key of padding rows
 
 # Dense index grids up to this many cells (int32 each, 128 MiB) are used instead of
 # sorted keys. On a 2-core CPU a grid lookup beat sorted keys at 64^3 (1.7 vs 10.5 ms),
-# 128^3 (4.0 vs 22 ms) and 256^3 (32 vs 77 ms); the cap bounds its memory.
+# 128^3 (4.0 vs 22 ms) and 256^3 (32 vs 77 ms). The cap bounds the grid's memory.
 GRID_MAX_CELLS = 2**25
 
 
