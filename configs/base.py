@@ -88,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.batch_size = 4  # events per step, summed over all devices and hosts
     config.data.capacity = 0  # voxel rows per device batch (0 picks a capacity bucket per batch)
     config.data.seed = 0  # seed of the event shuffling
+    config.data.bad_events = "error"  # event that fails to read or parse: error | skip (logged, slot left empty)
     config.data.num_workers = 1  # host threads that read and parse events
 
     config.train = ml_collections.ConfigDict()

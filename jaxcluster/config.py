@@ -41,6 +41,7 @@ _CHOICES = {
     "clustering_loss.norm": (1, 2),
     "network_base.dimension": (2, 3),
     "data.format": ("pilarnet_h5", "larcv_root", "larcv3_h5"),
+    "data.bad_events": ("error", "skip"),
     "optimizer.name": ("adam", "adamw", "sgd"),
     "optimizer.decay": ("constant", "cosine", "exponential"),
 }

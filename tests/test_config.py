@@ -110,6 +110,7 @@ def test_override_rejects_section_and_bad_type():
     ("network_base.dimension=4", "network_base.dimension"),
     ("clusternet.clustering.freeze_embeddings=true", "compute_distance_estimate"),
     ("optimizer.weight_decay=0.1", "adamw"),
+    ("data.bad_events=ignore", "data.bad_events"),
 ])
 def test_validation_names_key(override, key):
     with pytest.raises(ValueError, match=key):

@@ -285,6 +285,46 @@ def test_parse_error_names_event_source(prefetch):
     assert isinstance(info.value.__cause__, ValueError)
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_bad_events_skipped_when_asked(prefetch, caplog):
+    """With bad_events='skip' a failing event leaves its slot empty and the rest is kept."""
+    events = make_events(6)
+    events[2].image_values[1] = np.nan
+    events[2].source = "bad.h5, event 2"
+    reader = FailingReader(events, bad_index=4)
+    options = dict(schema=SCHEMA_3D, spatial_shape=(16,) * 3, batch_size=3, num_devices=1,
+                   num_scales=NUM_SCALES, seed=0, shuffle=False, num_epochs=1,
+                   prefetch=prefetch)
+    with pytest.raises(LoaderError, match="pass bad_events='skip'"):
+        list(Loader(reader, **options))
+    with caplog.at_level(logging.INFO, logger="jaxcluster.data.loader"):
+        loader = Loader(reader, bad_events="skip", **options)
+        batches = list(loader)
+    assert [b["event_valid"][0].tolist() for b in batches] == [[True, True, False],
+                                                               [True, False, True]]
+    assert loader.num_skipped == {"no voxels": 0, "no instances": 0, "unreadable": 2}
+    # The kept events are exactly those a loader over the good events alone gives.
+    reference = list(Loader(ListReader([events[i] for i in (0, 1, 3, 5)]),
+                            **dict(options, batch_size=2)))
+    kept = [b["features"][0][b["valid"][0]] for b in batches]
+    expected = [b["features"][0][b["valid"][0]] for b in reference]
+    np.testing.assert_array_equal(np.concatenate(kept), np.concatenate(expected))
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("event 2 (bad.h5, event 2)" in m and "not finite" in m for m in messages)
+    assert any("event 4" in m and "OSError: disk read failed" in m for m in messages)
+    assert "epoch 0: skipped 2 of 6 events that failed to load (bad_events='skip'); each " \
+           "is logged above" in messages
+
+
+def test_all_bad_events_rejected_even_when_skipped():
+    reader = FailingReader(make_events(1), bad_index=0)
+    loader = Loader(reader, schema=SCHEMA_3D, spatial_shape=(16,) * 3, batch_size=1,
+                    num_devices=1, num_scales=NUM_SCALES, seed=0, num_epochs=1,
+                    bad_events="skip")
+    with pytest.raises(ValueError, match=r"all 1 events .* were skipped \(1 failed to load"):
+        list(loader)
+
+
 def test_out_of_range_rejected_then_dropped():
     events = make_events(3)
     events[1].image_coords[0] = [16, 0, 0]
@@ -350,7 +390,7 @@ def test_skip_counts_accumulate():
     events = [make_events(1)[0], empty_event(), unlabelled_event()]
     loader = make_loader(events, shuffle=False, batch_size=3, num_devices=1, num_epochs=2)
     list(loader)
-    assert loader.num_skipped == {"no voxels": 2, "no instances": 2}
+    assert loader.num_skipped == {"no voxels": 2, "no instances": 2, "unreadable": 0}
 
 
 def test_empty_events_kept_without_drop():
@@ -454,6 +494,7 @@ def test_num_epochs_bounds_iteration():
     (dict(seed=-1), "seed=-1"),
     (dict(capacity=512, max_capacity=1024), "not both"),
     (dict(out_of_range="clip"), "out_of_range='clip'"),
+    (dict(bad_events="ignore"), "bad_events='ignore'"),
 ])
 def test_invalid_arguments_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -13,6 +13,7 @@ import pytest
 
 from jaxcluster import config as config_lib
 from jaxcluster.data import generator
+from jaxcluster.data.loader import LoaderError
 from jaxcluster.train import components, logger, loop
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -98,3 +99,35 @@ def test_config_trains_on_fixed_batch(config_path, one_batch_files, tmp_path):
     grad_norms = np.array([float(row["grad_norm"]) for row in rows])
     assert np.all(np.isfinite(grad_norms))
     assert np.all(grad_norms > 0), "no parameter received a gradient"
+
+
+def test_build_loader_applies_bad_events(one_batch_files, monkeypatch):
+    path = one_batch_files[3]
+    real_open = components.open_reader
+
+    def open_with_a_bad_event(config, data_path):
+        reader = real_open(config, data_path)
+        read = reader.read
+
+        def failing_read(index):
+            if index == 1:
+                raise OSError("simulated bad row")
+            return read(index)
+
+        reader.read = failing_read
+        return reader
+
+    monkeypatch.setattr(components, "open_reader", open_with_a_bad_event)
+    options = dict(num_devices=1, process_index=0, process_count=1, seed=0, shuffle=False,
+                   num_epochs=1)
+    default = config_lib.load_config(CONFIG_DIR / "clusternet.py",
+                                     tiny_overrides(path, batch_size=NUM_EVENTS))
+    with components.build_loader(default, str(path), **options) as loader:
+        with pytest.raises(LoaderError, match="simulated bad row"):
+            next(loader)
+    skipping = config_lib.load_config(CONFIG_DIR / "clusternet.py",
+                                      tiny_overrides(path, batch_size=NUM_EVENTS)
+                                      + ["data.bad_events=skip"])
+    with components.build_loader(skipping, str(path), **options) as loader:
+        batch = next(loader)
+    assert batch["event_valid"][0].tolist() == [index != 1 for index in range(NUM_EVENTS)]

@@ -64,6 +64,11 @@ class ListReader:
         return self._events[index]
 
 
+# What the loader does with an event that fails to read or parse.
+BAD_EVENT_POLICIES = ("error", "skip")
+_SKIP_REASONS = ("no voxels", "no instances", "unreadable")
+
+
 class LoaderError(RuntimeError):
     """Error raised while loading a batch. Its message names the event and its cause is chained."""
 
@@ -131,7 +136,7 @@ class _BatchBuilder:
 
     def __init__(self, reader, schema, *, input_key, label_key, spatial_shape, batch_size,
                  num_devices, num_scales, seed, shuffle, capacity, max_capacity,
-                 process_index, process_count, drop_empty, out_of_range):
+                 process_index, process_count, drop_empty, out_of_range, bad_events):
         self.reader = reader
         self.input_call = schema[input_key]
         self.label_call = schema[label_key]
@@ -147,12 +152,13 @@ class _BatchBuilder:
         self.process_count = process_count
         self.drop_empty = drop_empty
         self.out_of_range = out_of_range
+        self.bad_events = bad_events
         self.num_events = len(reader)
         self.slots = math.ceil(batch_size / (num_devices * process_count))
         self.steps_per_epoch = math.ceil(self.num_events / batch_size)
         self.num_features = len(parsers.SPARSE_COLUMNS)
-        self.skipped = {"no voxels": 0, "no instances": 0}
-        self._epoch_counts = {"read": 0, "no voxels": 0, "no instances": 0}
+        self.skipped = dict.fromkeys(_SKIP_REASONS, 0)
+        self._epoch_counts = {"read": 0, **self.skipped}
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -174,7 +180,7 @@ class _BatchBuilder:
         while num_epochs is None or epoch < num_epochs:
             order = self.epoch_order(epoch)
             from_start = step == 0
-            self._epoch_counts = {"read": 0, "no voxels": 0, "no instances": 0}
+            self._epoch_counts = {"read": 0, **dict.fromkeys(_SKIP_REASONS, 0)}
             for current in range(step, self.steps_per_epoch):
                 yield epoch, current, self.build(order, epoch, current)
             self._finish_epoch(epoch, from_start)
@@ -182,14 +188,20 @@ class _BatchBuilder:
 
     def _finish_epoch(self, epoch: int, from_start: bool) -> None:
         counts = self._epoch_counts
-        num_skipped = counts["no voxels"] + counts["no instances"]
+        num_empty = counts["no voxels"] + counts["no instances"]
         log.info("epoch %d: read %d events, %s %d (%d without voxels, %d without instances)",
                  epoch, counts["read"], "skipped" if self.drop_empty else "kept unusable",
-                 num_skipped, counts["no voxels"], counts["no instances"])
-        if self.drop_empty and from_start and counts["read"] and num_skipped == counts["read"]:
+                 num_empty, counts["no voxels"], counts["no instances"])
+        if counts["unreadable"]:
+            log.warning("epoch %d: skipped %d of %d events that failed to load "
+                        "(bad_events='skip'); each is logged above", epoch,
+                        counts["unreadable"], counts["read"])
+        num_skipped = counts["unreadable"] + (num_empty if self.drop_empty else 0)
+        if from_start and counts["read"] and num_skipped == counts["read"]:
             raise ValueError(
-                f"epoch {epoch}: all {counts['read']} events read by this process have no "
-                "voxels or no clustered instances, so every batch would be empty; check the "
+                f"epoch {epoch}: all {counts['read']} events read by this process were "
+                f"skipped ({counts['unreadable']} failed to load, {num_empty} had no voxels "
+                "or no clustered instances), so every batch would be empty; check the "
                 "schema's products, instance_column and spatial_shape against the data, and "
                 "pass missing_semantic=0 to the cluster parser for files without "
                 "semantic_type")
@@ -229,8 +241,16 @@ class _BatchBuilder:
             source = event.source or source
             parsed = self.parse(event, source)
         except Exception as exc:
-            raise LoaderError(f"epoch {epoch}: failed to load event {index} ({source}): "
-                              f"{type(exc).__name__}: {exc}") from exc
+            message = (f"epoch {epoch}: failed to load event {index} ({source}): "
+                       f"{type(exc).__name__}: {exc}")
+            if self.bad_events == "error":
+                raise LoaderError(message + "; fix the event, or pass bad_events='skip' "
+                                  "(config key data.bad_events) to skip such events") from exc
+            self._epoch_counts["read"] += 1
+            self._epoch_counts["unreadable"] += 1
+            self.skipped["unreadable"] += 1
+            log.warning("%s; skipped (bad_events='skip')", message)
+            return None
         self._epoch_counts["read"] += 1
         reason = parsed.skip_reason()
         if reason is None:
@@ -403,6 +423,10 @@ class Loader:
         a resume. Skips are counted in ``num_skipped`` and logged once per epoch. With
         False such events are kept as ordinary events.
       out_of_range: ``error`` or ``drop``, passed to every parser.
+      bad_events: ``error`` (default) raises ``LoaderError`` when an event fails to read
+        or parse (a truncated row, a NaN value, a -2 label). ``skip`` logs a warning that
+        names the event and the error, leaves its slot empty like ``drop_empty`` does,
+        and counts it in ``num_skipped["unreadable"]``.
       input_key, label_key: the schema keys of the input features and the labels.
     """
 
@@ -411,7 +435,8 @@ class Loader:
                  num_scales: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
                  capacity: int | None = None, max_capacity: int | None = None, prefetch: int = 2,
                  process_index: int = 0, process_count: int = 1, drop_empty: bool = True,
-                 out_of_range: str = "error", input_key: str = "input_data",
+                 out_of_range: str = "error", bad_events: str = "error",
+                 input_key: str = "input_data",
                  label_key: str = "cluster_label"):
         resolved = parsers.resolve_schema(schema)
         _check_schema_keys(resolved, input_key, label_key)
@@ -425,12 +450,15 @@ class Loader:
                          num_epochs=num_epochs, capacity=capacity, max_capacity=max_capacity,
                          prefetch=prefetch, process_index=process_index,
                          process_count=process_count, out_of_range=out_of_range)
+        if bad_events not in BAD_EVENT_POLICIES:
+            raise ValueError(f"bad_events={bad_events!r} is not one of {BAD_EVENT_POLICIES}")
         self._builder = _BatchBuilder(
             reader, resolved, input_key=input_key, label_key=label_key,
             spatial_shape=spatial_shape, batch_size=batch_size, num_devices=num_devices,
             num_scales=num_scales, seed=seed, shuffle=shuffle, capacity=capacity,
             max_capacity=max_capacity, process_index=process_index,
-            process_count=process_count, drop_empty=drop_empty, out_of_range=out_of_range)
+            process_count=process_count, drop_empty=drop_empty, out_of_range=out_of_range,
+            bad_events=bad_events)
         self.seed = seed
         self.batch_size = batch_size
         self.num_epochs = num_epochs
@@ -457,7 +485,7 @@ class Loader:
 
     @property
     def num_skipped(self) -> dict[str, int]:
-        """Events skipped so far by reason (``no voxels``, ``no instances``)."""
+        """Events skipped so far by reason (``no voxels``, ``no instances``, ``unreadable``)."""
         return dict(self._builder.skipped)
 
     def __iter__(self) -> "Loader":

@@ -86,6 +86,7 @@ def build_loader(config: ml_collections.ConfigDict, path: str, *, num_devices: i
         capacity=capacity,
         process_index=process_index,
         process_count=process_count,
+        bad_events=config.data.bad_events,
     )
 
 
