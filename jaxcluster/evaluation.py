@@ -30,6 +30,8 @@ import time
 import numpy as np
 
 from jaxcluster import inference, plots
+from jaxcluster.cluster.embedding import EmbeddingClusterConfig
+from jaxcluster.cluster.spice import SpiceConfig
 from jaxcluster.metrics import event_metrics
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,63 @@ def _viewer_record(row: dict, prediction: inference.Prediction) -> dict:
             "true": prediction.true_clusters(), "pred": prediction.instance, "info": info}
 
 
+def _open(workdir, data, *, format, projection, step, spatial_size, missing_semantic,
+          postprocessing):
+    """Load the run, open the reader and choose the grid; return ``(run, reader, schema, format)``."""
+    run = inference.load_run(workdir, step, postprocessing=postprocessing)
+    format = format or inference.guess_format(data)
+    reader = inference.open_reader(data, format, dimension=run.dimension,
+                                   spatial_size=run.config.network_base.spatial_size,
+                                   projection=projection)
+    try:
+        run = _choose_run_grid(run, spatial_size, _data_grid_size(reader, data), data)
+    except Exception:
+        if hasattr(reader, "close"):
+            reader.close()
+        raise
+    schema = run.schema
+    if missing_semantic is not None:
+        schema = with_missing_semantic(schema, missing_semantic)
+    return run, reader, schema, format
+
+
+def _batches(run: inference.Run, reader, schema, data, format: str, projection: int,
+             num_events: int | None, progress: bool):
+    """Yield ``(index, source, single-device batch)`` for the first events of ``reader``.
+
+    Closes the loader and the reader when the iteration ends or is abandoned.
+    """
+    from tqdm import tqdm
+
+    from jaxcluster.data.loader import Loader
+
+    total = _num_to_read(reader, num_events)
+    loader = Loader(reader, schema=schema, spatial_shape=run.spatial_shape, batch_size=1,
+                    num_devices=1, num_scales=run.num_scales, seed=0, shuffle=False,
+                    num_epochs=1, drop_empty=False)
+    name = pathlib.Path(data).name
+    suffix = f", projection {projection}" if format == "larcv3_h5" else ""
+    try:
+        batches = tqdm(itertools.islice(loader, total), total=total, disable=not progress,
+                       unit="event")
+        for index, batch in enumerate(batches):
+            yield index, f"{name}, event {index}{suffix}", {key: value[0]
+                                                            for key, value in batch.items()}
+    finally:
+        loader.close()
+        if hasattr(reader, "close"):
+            reader.close()
+
+
+def _num_to_read(reader, num_events: int | None) -> int:
+    return len(reader) if num_events is None else min(num_events, len(reader))
+
+
+def _check_num_events(num_events: int | None) -> None:
+    if num_events is not None and num_events < 1:
+        raise ValueError(f"num_events={num_events} must be >= 1, or None for every event")
+
+
 def evaluate(workdir: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,
              format: str | None = None, num_events: int | None = None, projection: int = 0,
              step: int | None = None, spatial_size: int | None = None,
@@ -173,51 +232,27 @@ def evaluate(workdir: str | os.PathLike, data: str | os.PathLike, output: str | 
     Returns:
       The summary dict written to ``summary.json``.
     """
-    from tqdm import tqdm
-
-    from jaxcluster.data.loader import Loader
-
-    if num_events is not None and num_events < 1:
-        raise ValueError(f"num_events={num_events} must be >= 1, or None for every event")
+    _check_num_events(num_events)
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    run = inference.load_run(workdir, step, postprocessing=postprocessing)
-    format = format or inference.guess_format(data)
-    reader = inference.open_reader(data, format, dimension=run.dimension,
-                                   spatial_size=run.config.network_base.spatial_size,
-                                   projection=projection)
-    run = _choose_run_grid(run, spatial_size, _data_grid_size(reader, data), data)
-    schema = run.schema
-    if missing_semantic is not None:
-        schema = with_missing_semantic(schema, missing_semantic)
-
-    total = len(reader) if num_events is None else min(num_events, len(reader))
-    loader = Loader(reader, schema=schema, spatial_shape=run.spatial_shape, batch_size=1,
-                    num_devices=1, num_scales=run.num_scales, seed=0, shuffle=False,
-                    num_epochs=1, drop_empty=False)
+    run, reader, schema, format = _open(
+        workdir, data, format=format, projection=projection, step=step,
+        spatial_size=spatial_size, missing_semantic=missing_semantic,
+        postprocessing=postprocessing)
     log.info("evaluating %s (step %d) on %d events of %s (%s) at spatial_size=%d", workdir,
-             run.step, total, data, format, run.spatial_size)
+             run.step, _num_to_read(reader, num_events), data, format, run.spatial_size)
     rows, viewer_events, predictions = [], [], {}
-    name = pathlib.Path(data).name
-    try:
-        batches = tqdm(itertools.islice(loader, total), total=total, disable=not progress,
-                       unit="event")
-        for index, batch in enumerate(batches):
-            source = f"{name}, event {index}" + (f", projection {projection}"
-                                                  if format == "larcv3_h5" else "")
-            started = time.perf_counter()
-            prediction = run.predict({key: value[0] for key, value in batch.items()})
-            row = _event_row(index, source, prediction, time.perf_counter() - started)
-            rows.append(row)
-            if len(viewer_events) < MAX_VIEWER_EVENTS:
-                viewer_events.append(_viewer_record(row, prediction))
-            if display_event == index or (display_event is None and not predictions
-                                          and row["num_labelled_voxels"] > 0):
-                predictions[index] = prediction
-    finally:
-        loader.close()
-        if hasattr(reader, "close"):
-            reader.close()
+    for index, source, batch in _batches(run, reader, schema, data, format, projection,
+                                         num_events, progress):
+        started = time.perf_counter()
+        prediction = run.predict(batch)
+        row = _event_row(index, source, prediction, time.perf_counter() - started)
+        rows.append(row)
+        if len(viewer_events) < MAX_VIEWER_EVENTS:
+            viewer_events.append(_viewer_record(row, prediction))
+        if display_event == index or (display_event is None and not predictions
+                                      and row["num_labelled_voxels"] > 0):
+            predictions[index] = prediction
     _check_labelled(rows, data, missing_semantic)
     if display_event is not None and display_event not in predictions:
         raise ValueError(f"display_event={display_event} is not among the {len(rows)} evaluated "
@@ -289,3 +324,149 @@ def _write_outputs(output: pathlib.Path, rows, summary, predictions, viewer_even
                              dimension=dimension,
                              title=f"{summary['run']['config_name']} on "
                                    f"{pathlib.Path(summary['data']['path']).name}")
+
+
+# ---------------------------------------------------------------------------------------
+# Post-processing scans.
+
+# Scan parameters of each model family, in the order of the output columns.
+EMBEDDING_SCAN_KEYS = ("method", "eps", "min_samples")
+SPICE_SCAN_KEYS = ("seed_threshold", "probability_threshold", "min_size")
+SCAN_METRICS = ("ari_mean", "ari_median", f"ari_above_{ARI_THRESHOLD}_fraction", "purity_mean",
+                "efficiency_mean", "fscore_mean", "num_events_scored")
+SCAN_FILES = {"csv": "scan.csv", "summary": "scan.json", "plot": "scan.png"}
+
+
+def postprocessing_grid(model_name: str, grid: dict
+                        ) -> tuple[tuple[str, ...], list[tuple[dict, inference.PostProcessing]]]:
+    """Return the scan keys of ``model_name``'s family and one ``PostProcessing`` per grid point.
+
+    Args:
+      model_name: a registered model name; SPICE models scan ``SPICE_SCAN_KEYS``, the
+        hyperspace models ``EMBEDDING_SCAN_KEYS``.
+      grid: ``{parameter: values}``. Parameters of the other family are ignored (and
+        logged); unknown names and empty value lists raise.
+
+    Returns:
+      ``(keys, points)``: the scanned keys and, per point of their Cartesian product,
+      ``(parameters, PostProcessing)``.
+    """
+    known = EMBEDDING_SCAN_KEYS + SPICE_SCAN_KEYS
+    unknown = sorted(set(grid) - set(known))
+    if unknown:
+        raise ValueError(f"post-processing scan: unknown parameter(s) {unknown}; scan one of "
+                         f"{list(known)}")
+    spice = model_name in inference.SPICE_MODELS
+    family_keys = SPICE_SCAN_KEYS if spice else EMBEDDING_SCAN_KEYS
+    ignored = sorted(set(grid) - set(family_keys))
+    if ignored:
+        log.info("post-processing scan: %s does not use %s; ignoring them", model_name, ignored)
+    keys = tuple(key for key in family_keys if key in grid)
+    for key in keys:
+        if len(grid[key]) == 0:
+            raise ValueError(f"post-processing scan: {key} has no values; give at least one")
+    points = []
+    for values in itertools.product(*(grid[key] for key in keys)):
+        parameters = dict(zip(keys, values))
+        if spice:
+            setting = inference.PostProcessing(spice=SpiceConfig(**parameters))
+        else:
+            setting = inference.PostProcessing(
+                embedding=EmbeddingClusterConfig(**parameters))
+        points.append((parameters, setting))
+    return keys, points
+
+
+def scan_postprocessing(workdir: str | os.PathLike, data: str | os.PathLike,
+                        output: str | os.PathLike, grid: dict, *, format: str | None = None,
+                        num_events: int | None = None, projection: int = 0,
+                        step: int | None = None, spatial_size: int | None = None,
+                        missing_semantic: int | None = None, progress: bool = True) -> dict:
+    """Score every post-processing setting of ``grid`` on ``data``, running the network once.
+
+    Use a file that is neither the training file nor the file the final numbers come
+    from: the best setting is tuned on it. Each event goes through the network once;
+    only the clustering is repeated per setting.
+
+    Writes into ``output``: ``scan.csv`` (one row per setting: its parameters and the
+    ``SCAN_METRICS``), ``scan.json`` (the rows, the best setting and its command-line
+    flags) and ``scan.png`` (the metrics per setting).
+
+    Args:
+      workdir, data, format, num_events, projection, step, spatial_size,
+        missing_semantic, progress: as for ``evaluate``.
+      output: output directory, created if missing.
+      grid: ``{parameter: values}`` (see ``postprocessing_grid``).
+
+    Returns:
+      The dict written to ``scan.json``. ``best`` is the setting with the highest mean
+      ARI; ties go to the higher fraction of events above ARI 0.92, then to grid order.
+    """
+    _check_num_events(num_events)
+    output = pathlib.Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    run, reader, schema, format = _open(
+        workdir, data, format=format, projection=projection, step=step,
+        spatial_size=spatial_size, missing_semantic=missing_semantic, postprocessing=None)
+    try:
+        keys, points = postprocessing_grid(run.model_name, grid)
+    except Exception:
+        if hasattr(reader, "close"):
+            reader.close()
+        raise
+    settings = [setting for _, setting in points]
+    log.info("scanning %d post-processing settings of %s (step %d) over %s on %d events of %s",
+             len(points), workdir, run.step, list(keys), _num_to_read(reader, num_events), data)
+    rows_per_setting = [[] for _ in points]
+    for index, source, batch in _batches(run, reader, schema, data, format, projection,
+                                         num_events, progress):
+        started = time.perf_counter()
+        predictions = run.predict_each(batch, settings)
+        seconds = (time.perf_counter() - started) / len(points)
+        for rows, prediction in zip(rows_per_setting, predictions):
+            rows.append(_event_row(index, source, prediction, seconds))
+    _check_labelled(rows_per_setting[0], data, missing_semantic)
+
+    results = []
+    for (parameters, _), rows in zip(points, rows_per_setting):
+        statistics = _statistics(rows)
+        results.append({**parameters, **{name: statistics[name] for name in SCAN_METRICS}})
+    best = max(range(len(results)), key=lambda i: (
+        _or_minus_inf(results[i]["ari_mean"]),
+        _or_minus_inf(results[i][f"ari_above_{ARI_THRESHOLD}_fraction"]), -i))
+    flags = " ".join(f"--{key}={results[best][key]}" for key in keys)
+    scan = {
+        "run": {"workdir": str(run.workdir), "step": run.step, "model_name": run.model_name,
+                "config_name": run.config.name},
+        "data": {"path": str(data), "format": format,
+                 "projection": projection if format == "larcv3_h5" else None,
+                 "missing_semantic": missing_semantic},
+        "num_events": len(rows_per_setting[0]),
+        "keys": list(keys),
+        "results": results,
+        "best": results[best],
+        "best_flags": flags,
+        "caveats": [CAVEAT_SEMANTIC],
+        "files": dict(SCAN_FILES),
+    }
+    with open(output / SCAN_FILES["csv"], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(keys) + list(SCAN_METRICS))
+        writer.writeheader()
+        writer.writerows(results)
+    (output / SCAN_FILES["summary"]).write_text(
+        json.dumps(_jsonable(scan), indent=2, allow_nan=False) + "\n")
+    labels = [", ".join(f"{key}={result[key]}" for key in keys) or "default"
+              for result in results]
+    plots.scan_plot(labels, {name: [result[name] for result in results]
+                             for name in SCAN_METRICS[:-1]}, output / SCAN_FILES["plot"],
+                    best=best, title=f"{run.config.name} (step {run.step}) on "
+                                     f"{pathlib.Path(data).name}, {scan['num_events']} events")
+    log.info("best of %d settings by mean ARI: %s (mean ARI %s, fraction above %.2f: %s); "
+             "evaluate with %s; written to %s", len(results), labels[best],
+             results[best]["ari_mean"], ARI_THRESHOLD,
+             results[best][f"ari_above_{ARI_THRESHOLD}_fraction"], flags, output)
+    return scan
+
+
+def _or_minus_inf(value) -> float:
+    return -math.inf if value is None else float(value)

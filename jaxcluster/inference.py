@@ -445,34 +445,49 @@ class Run:
         Returns:
           A ``Prediction`` of the valid rows.
         """
-        postprocessing = postprocessing or self.postprocessing
+        return self.predict_each(event_or_batch, [postprocessing or self.postprocessing])[0]
+
+    def predict_each(self, event_or_batch: Event | Mapping,
+                     settings: Sequence[PostProcessing]) -> list[Prediction]:
+        """Apply the network once and post-process its outputs with each of ``settings``.
+
+        This is how a threshold scan avoids running the network once per setting.
+        Takes the same inputs as ``predict``; returns one ``Prediction`` per setting, in
+        order. The predictions share every array except ``instance``.
+        """
+        settings = list(settings)
+        if not settings:
+            raise ValueError("predict_each needs at least one PostProcessing setting")
+        for setting in settings:
+            if not isinstance(setting, PostProcessing):
+                raise TypeError(f"predict_each settings must be PostProcessing objects, got "
+                                f"{type(setting).__name__}")
         if isinstance(event_or_batch, Event):
-            return self._predict_batch(self.batch_from_events([event_or_batch]),
-                                       postprocessing, [event_or_batch.source])
+            return self._predict_batch(self.batch_from_events([event_or_batch]), settings,
+                                       [event_or_batch.source])
         batch = event_or_batch
         if "coords" not in batch:
             raise ValueError(f"predict expects an Event or a batch dict with keys {BATCH_KEYS}, "
                              f"got keys {sorted(batch)}")
         if np.ndim(batch["coords"]) == 2:
-            return self._predict_batch(batch, postprocessing, None)
+            return self._predict_batch(batch, settings, None)
         if np.ndim(batch["coords"]) != 3:
             raise ValueError(f"batch['coords'] has shape {np.shape(batch['coords'])}; expected "
                              "[cap, 1 + D] or [num_devices, cap, 1 + D]")
-        parts = [self._predict_batch({key: value[device] for key, value in batch.items()},
-                                     postprocessing, None)
-                 for device in range(np.shape(batch["coords"])[0])]
-        return _concatenate(parts)
+        per_device = [self._predict_batch({key: value[device] for key, value in batch.items()},
+                                          settings, None)
+                      for device in range(np.shape(batch["coords"])[0])]
+        return [_concatenate([parts[index] for parts in per_device])
+                for index in range(len(settings))]
 
-    def _predict_batch(self, batch: Mapping, postprocessing: PostProcessing,
-                       sources: list | None) -> Prediction:
+    def _predict_batch(self, batch: Mapping, settings: Sequence[PostProcessing],
+                       sources: list | None) -> list[Prediction]:
         outputs = self.apply(batch)
         valid = np.asarray(batch["valid"], bool)
         coords = np.asarray(batch["coords"])
         num_events = int(np.shape(batch["event_valid"])[0])
         semantic = np.asarray(batch["semantic"])[0]
         embeddings = _finest(outputs["embeddings"])
-        instance = self._cluster(outputs, embeddings, semantic, valid, coords[:, 0],
-                                 num_events, postprocessing, sources)
 
         def rows(name):
             value = outputs.get(name)
@@ -481,12 +496,19 @@ class Run:
         if sources is None:
             sources = ["" if not used else f"slot {slot}"
                        for slot, used in enumerate(np.asarray(batch["event_valid"]))]
-        return Prediction(
+        shared = dict(
             coords=coords[valid], features=np.asarray(batch["features"])[valid],
             embeddings=np.asarray(embeddings)[valid], margins=rows("margins"),
             seediness=rows("seediness"), distance_estimate=rows("distance_estimate"),
             semantic=semantic[valid], true_instance=np.asarray(batch["instance"])[0][valid],
-            instance=instance[valid], num_events=num_events, sources=list(sources))
+            num_events=num_events)
+        predictions = []
+        for postprocessing in settings:
+            instance = self._cluster(outputs, embeddings, semantic, valid, coords[:, 0],
+                                     num_events, postprocessing, sources)
+            predictions.append(Prediction(instance=instance[valid], sources=list(sources),
+                                          **shared))
+        return predictions
 
     def _cluster(self, outputs, embeddings, semantic, valid, batch_index, num_events,
                  postprocessing: PostProcessing, sources) -> np.ndarray:

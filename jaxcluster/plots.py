@@ -53,6 +53,37 @@ def ari_histogram(ari: Sequence[float], path: str | os.PathLike, *, title: str =
     plt.close(figure)
 
 
+def scan_plot(labels: Sequence[str], metrics: dict, path: str | os.PathLike, *,
+              best: int | None = None, title: str = "") -> None:
+    """Write a PNG of metrics per post-processing setting.
+
+    Args:
+      labels: one label per setting, drawn under the x axis.
+      metrics: ``{name: values}`` with one value per setting; ``None`` or NaN values
+        (no scored event) are left out of their line.
+      path: output PNG.
+      best: index of the chosen setting, marked by a vertical line.
+      title: figure title.
+    """
+    positions = np.arange(len(labels))
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(labels) + 2.0), 4.5))
+    for name, values in metrics.items():
+        values = np.asarray([np.nan if v is None else v for v in values], np.float64)
+        axis.plot(positions, values, marker="o", label=name)
+    if best is not None:
+        axis.axvline(best, color="black", linestyle=":", label="best mean ARI")
+    axis.set_xticks(positions)
+    axis.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+    axis.set_ylabel("metric over events")
+    axis.set_ylim(min(0.0, axis.get_ylim()[0]), 1.02)
+    axis.grid(alpha=0.3)
+    axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def event_display(coords: np.ndarray, true_ids: np.ndarray, pred_ids: np.ndarray,
                   path: str | os.PathLike, *, title: str = "") -> None:
     """Write a PNG of one event, coloured by true instance (left) and predicted (right).

@@ -12,6 +12,8 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from jaxcluster import evaluation, inference, plots
+from jaxcluster.cluster.embedding import EmbeddingClusterConfig
+from jaxcluster.cluster.spice import SpiceConfig
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from test_inference import REPO_ROOT, make_tiny_run  # noqa: E402
@@ -209,3 +211,85 @@ def test_event_viewer_is_self_contained(tmp_path):
     assert "showing 1 in 2 of 4 voxels" in decoded["events"][0]["info"]
     assert page.count("</script>") == 1
     assert "src=" not in page
+
+
+# ---------------------------------------------------------------------------------------
+# Post-processing scans.
+
+
+@pytest.mark.slow
+def test_scan_command_line_matches_separate_evaluations(tiny_run_dir, tmp_path):
+    """Each scanned setting scores what evaluate() gives with that setting alone."""
+    data = inference.load_run(tiny_run_dir).config.data.train_file
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "experiments" / "scan_postprocessing.py"),
+         f"--workdir={tiny_run_dir}", f"--data={data}", f"--output={tmp_path / 'scan'}",
+         "--num_events=3", "--eps=0.05,3.0", "--min_samples=1,4",
+         "--seed_threshold=0.9"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scan = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    columns, rows = _read_csv(tmp_path / "scan" / "scan.csv")
+    assert tuple(columns) == evaluation.EMBEDDING_SCAN_KEYS + evaluation.SCAN_METRICS
+    # Grid order: the last key varies fastest.
+    assert [(row["eps"], row["min_samples"]) for row in rows] == [
+        ("0.05", "1"), ("0.05", "4"), ("3.0", "1"), ("3.0", "4")]
+    assert (tmp_path / "scan" / "scan.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert scan["num_events"] == 3
+
+    for index, entry in enumerate(scan["results"]):
+        setting = inference.PostProcessing(embedding=EmbeddingClusterConfig(
+            eps=entry["eps"], min_samples=entry["min_samples"]))
+        summary = evaluation.evaluate(tiny_run_dir, data, tmp_path / f"eval{index}",
+                                      num_events=3, postprocessing=setting, progress=False)
+        for name in evaluation.SCAN_METRICS:
+            assert entry[name] == pytest.approx(summary[name], nan_ok=True), (index, name)
+    ari = [entry["ari_mean"] for entry in scan["results"]]
+    assert scan["best"] == scan["results"][int(np.argmax(ari))]
+    best = scan["best"]
+    assert scan["best_flags"] == (f"--method=dbscan --eps={best['eps']} "
+                                  f"--min_samples={best['min_samples']}")
+
+
+def test_postprocessing_grid_hyperspace():
+    keys, points = evaluation.postprocessing_grid(
+        "clusternet", {"eps": [0.5, 1.0, 2.0], "min_samples": [3, 7], "seed_threshold": [0.1]})
+    assert keys == ("eps", "min_samples")
+    assert [parameters for parameters, _ in points] == [
+        {"eps": eps, "min_samples": m} for eps in (0.5, 1.0, 2.0) for m in (3, 7)]
+    for parameters, setting in points:
+        assert setting.embedding.eps == parameters["eps"]
+        assert setting.embedding.min_samples == parameters["min_samples"]
+        assert setting.spice == SpiceConfig()
+
+
+def test_postprocessing_grid_spice():
+    keys, points = evaluation.postprocessing_grid(
+        "spatial_embeddings_stack", {"eps": [0.5, 1.0], "seed_threshold": [0.2, 0.6],
+                                     "probability_threshold": [0.4], "min_size": [1, 10]})
+    assert keys == ("seed_threshold", "probability_threshold", "min_size")
+    assert len(points) == 4
+    settings = [setting.spice for _, setting in points]
+    assert settings[1].seed_threshold == (0.2,) * 5
+    assert settings[1].min_size == (10,) * 5
+    assert settings[2].seed_threshold == (0.6,) * 5
+    assert all(setting.embedding == EmbeddingClusterConfig() for _, setting in points)
+
+
+def test_postprocessing_grid_errors():
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epsilon'\]"):
+        evaluation.postprocessing_grid("clusternet", {"epsilon": [1.0]})
+    with pytest.raises(ValueError, match="eps has no values"):
+        evaluation.postprocessing_grid("clusternet", {"eps": []})
+    with pytest.raises(ValueError, match="eps=-1"):
+        evaluation.postprocessing_grid("clusternet", {"eps": [1.0, -1.0]})
+    with pytest.raises(ValueError, match="seed_threshold"):
+        evaluation.postprocessing_grid("spatial_embeddings", {"seed_threshold": [1.5]})
+
+
+def test_scan_plot_writes_png(tmp_path):
+    plots.scan_plot(["a", "b", "c"], {"ari_mean": [0.2, None, 0.7],
+                                      "purity_mean": [0.9, 0.8, float("nan")]},
+                    tmp_path / "s.png", best=2, title="scan")
+    image = matplotlib.image.imread(tmp_path / "s.png")
+    assert image.ndim == 3 and image.shape[1] > image.shape[0]

@@ -159,6 +159,31 @@ def test_predict_event_and_batch_agree(tiny_run):
 
 
 @pytest.mark.slow
+def test_predict_each_equals_predict_per_setting(tiny_run):
+    events = _tiny_events(tiny_run, range(TINY_NUM_EVENTS))
+    loader = Loader(ListReader(events), schema=tiny_run.schema,
+                    spatial_shape=tiny_run.spatial_shape, batch_size=TINY_NUM_EVENTS,
+                    num_devices=2, num_scales=tiny_run.num_scales, seed=0, shuffle=False,
+                    num_epochs=1, prefetch=0, drop_empty=False)
+    batch = next(iter(loader))
+    settings = [inference.PostProcessing(embedding=EmbeddingClusterConfig(eps=eps, min_samples=2))
+                for eps in (0.05, 0.5, 5.0)]
+    each = tiny_run.predict_each(batch, settings)
+    assert len(each) == len(settings)
+    for setting, prediction in zip(settings, each):
+        alone = tiny_run.predict(batch, setting)
+        np.testing.assert_array_equal(prediction.coords, alone.coords)
+        np.testing.assert_array_equal(prediction.instance, alone.instance)
+        assert prediction.sources == alone.sources
+    # The settings must give different partitions, else the comparison proves little.
+    assert len({tuple(p.instance) for p in each}) > 1
+    with pytest.raises(ValueError, match="at least one PostProcessing"):
+        tiny_run.predict_each(batch, [])
+    with pytest.raises(TypeError, match="PostProcessing objects, got EmbeddingClusterConfig"):
+        tiny_run.predict_each(batch, [EmbeddingClusterConfig()])
+
+
+@pytest.mark.slow
 def test_predict_labels_match_reference_clustering(tiny_run):
     event = _tiny_events(tiny_run, [0])[0]
     prediction = tiny_run.predict(event)
