@@ -455,12 +455,16 @@ def scan_postprocessing(workdir: str | os.PathLike, data: str | os.PathLike,
         writer.writerows(results)
     (output / SCAN_FILES["summary"]).write_text(
         json.dumps(_jsonable(scan), indent=2, allow_nan=False) + "\n")
-    labels = [", ".join(f"{key}={result[key]}" for key in keys) or "default"
+    # Tick labels name the parameters that vary; the title names those that do not.
+    varying = [key for key in keys if len({result[key] for result in results}) > 1]
+    fixed = ", ".join(f"{key}={results[0][key]}" for key in keys if key not in varying)
+    labels = [", ".join(f"{key}={result[key]}" for key in varying) or "default"
               for result in results]
     plots.scan_plot(labels, {name: [result[name] for result in results]
                              for name in SCAN_METRICS[:-1]}, output / SCAN_FILES["plot"],
                     best=best, title=f"{run.config.name} (step {run.step}) on "
-                                     f"{pathlib.Path(data).name}, {scan['num_events']} events")
+                                     f"{pathlib.Path(data).name}, {scan['num_events']} events"
+                                     + (f"; {fixed}" if fixed else ""))
     log.info("best of %d settings by mean ARI: %s (mean ARI %s, fraction above %.2f: %s); "
              "evaluate with %s; written to %s", len(results), labels[best],
              results[best]["ari_mean"], ARI_THRESHOLD,

@@ -189,9 +189,13 @@ def _flat_keys_of(tree: Mapping, prefix: str = "") -> set:
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """Read ``workdir/config.json`` into a locked, validated ``ConfigDict``.
 
-    When the repository's ``configs/base.py`` is present, the run's keys must be exactly
-    its keys, so a run written by another version of jaxcluster fails here with the
-    differing keys named, not later inside the model.
+    When the repository's ``configs/base.py`` is present, the run's keys are checked
+    against its keys. A key the run does not know, such as a renamed or removed one, is
+    an error that names it. A key added to jaxcluster after the run was written gets its
+    default, from the run's own variant file ``configs/<name>.py`` when that exists and
+    from ``base.py`` otherwise; the keys filled this way are logged. New keys come with
+    defaults that keep the earlier behaviour, and the strict checkpoint restore still
+    catches any change of the network's arrays.
     """
     workdir = pathlib.Path(workdir)
     path = workdir / config_lib.CONFIG_FILE_NAME
@@ -216,15 +220,33 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         found = {key for key in _flat_keys_of(values) if not key.startswith("data.schema.")}
         expected = {key for key in expected if not key.startswith("data.schema.")}
         unknown, missing = sorted(found - expected), sorted(expected - found)
-        if unknown or missing:
+        if unknown:
             raise RunDirectoryError(
-                f"{path} does not match the keys of {_BASE_CONFIG.name}: unknown {unknown}, "
-                f"missing {missing}; the run was written by another version of jaxcluster, "
-                "so evaluate it with that version or retrain")
+                f"{path} has keys that {_BASE_CONFIG.name} does not define: {unknown}; the run "
+                "was written by another version of jaxcluster, so evaluate it with that "
+                "version or retrain")
+        if missing:
+            _fill_missing_keys(values, missing, path)
     config = ml_collections.ConfigDict(values)
     config.lock()
     config_lib.validate_config(config, source=str(path))
     return config
+
+
+def _fill_missing_keys(values: dict, missing: list[str], path: pathlib.Path) -> None:
+    """Give each key in ``missing`` its default from the run's variant file or ``base.py``."""
+    variant = _BASE_CONFIG.parent / f"{values.get('name', '')}.py"
+    source = variant if values.get("name") and variant.is_file() else _BASE_CONFIG
+    defaults = config_lib.load_config_file(source)
+    for key in missing:
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+        value = config_lib.get_key(defaults, key)
+        node[leaf] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+    log.warning("%s predates the config keys %s; using their defaults from %s", path,
+                missing, source.name)
 
 
 def _checkpoint_step(checkpointer, workdir: pathlib.Path, step: int | None) -> int:

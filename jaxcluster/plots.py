@@ -66,7 +66,7 @@ def scan_plot(labels: Sequence[str], metrics: dict, path: str | os.PathLike, *,
       title: figure title.
     """
     positions = np.arange(len(labels))
-    figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(labels) + 2.0), 4.5))
+    figure, axis = plt.subplots(figsize=(max(7.0, 0.4 * len(labels) + 4.0), 5.5))
     for name, values in metrics.items():
         values = np.asarray([np.nan if v is None else v for v in values], np.float64)
         axis.plot(positions, values, marker="o", label=name)
@@ -78,7 +78,7 @@ def scan_plot(labels: Sequence[str], metrics: dict, path: str | os.PathLike, *,
     axis.set_ylim(min(0.0, axis.get_ylim()[0]), 1.02)
     axis.grid(alpha=0.3)
     axis.set_title(title, fontsize=10)
-    axis.legend(fontsize=8, loc="lower left")
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -1,6 +1,7 @@
 """Tests of jaxcluster.inference: loading a run, jitted prediction and the grid override."""
 
 import json
+import logging
 import pathlib
 
 import numpy as np
@@ -127,8 +128,31 @@ def test_config_with_unknown_key(tmp_path):
     values = json.loads(_write_tiny_config(tmp_path).read_text())
     values["train"]["num_stepz"] = 3
     (tmp_path / "config.json").write_text(json.dumps(values))
-    with pytest.raises(inference.RunDirectoryError, match=r"unknown \['train.num_stepz'\]"):
+    with pytest.raises(inference.RunDirectoryError,
+                       match=r"keys that base.py does not define: \['train.num_stepz'\]"):
         inference.load_run(tmp_path)
+
+
+def test_config_from_older_version_gets_new_defaults(tmp_path, caplog):
+    """A run written before a key existed reads with that key's default, not an error."""
+    values = json.loads(_write_tiny_config(tmp_path).read_text())
+    expected = inference.read_run_config(tmp_path).to_dict()
+    del values["data"]["bad_events"]
+    del values["train"]["num_steps"]
+    values["train"]["log_every_steps"] = 7  # a stored value is kept as it is
+    expected["train"]["log_every_steps"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with caplog.at_level(logging.WARNING, logger="jaxcluster.inference"):
+        config = inference.read_run_config(tmp_path)
+    assert config.data.bad_events == "error"
+    # clusternet.py's own value, which the variant file gives.
+    variant = config_lib.load_config_file(REPO_ROOT / "configs/clusternet.py")
+    assert config.train.num_steps == variant.train.num_steps
+    expected["train"]["num_steps"] = variant.train.num_steps
+    assert config.to_dict() == expected
+    assert config.is_locked
+    assert any("predates the config keys ['data.bad_events', 'train.num_steps']" in r.getMessage()
+               for r in caplog.records)
 
 
 def _tiny_events(run: inference.Run, indices) -> list:
