@@ -55,6 +55,9 @@ def test_variants_change_only_their_keys():
                if config_lib.get_key(base, key) != config_lib.get_key(fpn, key)]
     assert sorted(changed) == ["clusternet.backbone.name", "clusternet.clustering.name", "name"]
     assert config_lib.load_config(CONFIG_DIR / "clusternet_2d.py").network_base.dimension == 2
+    clusternet = config_lib.load_config(CONFIG_DIR / "clusternet.py")
+    assert [key for key in config_lib.flat_keys(base)
+            if config_lib.get_key(base, key) != config_lib.get_key(clusternet, key)] == ["name"]
     big = config_lib.load_config(CONFIG_DIR / "clusternet_768.py")
     assert big.network_base.spatial_size == 768
     assert big.embeddings.num_filters == 32

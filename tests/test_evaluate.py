@@ -16,7 +16,7 @@ from jaxcluster.cluster.embedding import EmbeddingClusterConfig
 from jaxcluster.cluster.spice import SpiceConfig
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_inference import REPO_ROOT, make_tiny_run  # noqa: E402
+from test_inference import REPO_ROOT, make_tiny_run, shared_base  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SUMMARY_KEYS = ("ari_mean", "ari_median", "purity_mean", "purity_median", "efficiency_mean",
@@ -30,12 +30,12 @@ TINY_2D_OVERRIDES = ("network_base.spatial_size=64", "embeddings.num_filters=2",
 
 @pytest.fixture(scope="session")
 def tiny_run_dir(tmp_path_factory) -> pathlib.Path:
-    return make_tiny_run(tmp_path_factory.getbasetemp() / "tiny_clusternet")
+    return make_tiny_run(shared_base(tmp_path_factory) / "tiny_clusternet")
 
 
 @pytest.fixture(scope="session")
 def tiny_2d_run_dir(tmp_path_factory) -> pathlib.Path:
-    return make_tiny_run(tmp_path_factory.getbasetemp() / "tiny_clusternet_2d",
+    return make_tiny_run(shared_base(tmp_path_factory) / "tiny_clusternet_2d",
                          "configs/clusternet_2d.py", TINY_2D_OVERRIDES, dimension=2,
                          spatial_size=64)
 

@@ -1,8 +1,11 @@
 """Tests of jaxcluster.inference: loading a run, jitted prediction and the grid override."""
 
+import fcntl
 import json
 import logging
+import os
 import pathlib
+import shutil
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -30,28 +33,44 @@ TINY_OVERRIDES = (
 )
 
 
+def shared_base(tmp_path_factory) -> pathlib.Path:
+    """Return a directory that every pytest-xdist worker of this session shares.
+
+    Without xdist this is the session's base directory; with it, the parent of the
+    per-worker base directories.
+    """
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def make_tiny_run(base: pathlib.Path, config_file: str = "configs/clusternet.py",
                   overrides=TINY_OVERRIDES, dimension: int = 3,
                   spatial_size: int = TINY_SPATIAL_SIZE) -> pathlib.Path:
     """Generate a few events and train one step into ``base/run``, unless already done.
 
-    Both test modules call this with the session's base directory, so one pytest process
-    trains each tiny run once.
+    Test modules on every worker call this with the same ``base`` (see ``shared_base``).
+    A file lock makes one process train while the others wait, so a session trains
+    each tiny run once.
     """
     from jaxcluster.data import generator
     from jaxcluster.train.loop import train_and_evaluate
 
     run_dir = base / "run"
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        return run_dir
+    done = base / "done"
     base.mkdir(parents=True, exist_ok=True)
-    data = base / "train.h5"
-    if not data.is_file():
+    with open(base / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.is_file():
+            return run_dir
+        # A run left by a process that failed part-way is started again from scratch.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        data = base / "train.h5"
         generator.make_dataset(data, num_events=TINY_NUM_EVENTS, spatial_size=spatial_size,
                                seed=0, dimension=dimension, workers=1, progress=False)
-    config = config_lib.load_config(REPO_ROOT / config_file,
-                                    list(overrides) + [f"data.train_file={data}"])
-    train_and_evaluate(config, run_dir)
+        config = config_lib.load_config(REPO_ROOT / config_file,
+                                        list(overrides) + [f"data.train_file={data}"])
+        train_and_evaluate(config, run_dir)
+        done.touch()
     return run_dir
 
 
@@ -59,7 +78,7 @@ def make_tiny_run(base: pathlib.Path, config_file: str = "configs/clusternet.py"
 # 2-core machine, so every test that needs it is marked slow.
 @pytest.fixture(scope="session")
 def tiny_run_dir(tmp_path_factory) -> pathlib.Path:
-    return make_tiny_run(tmp_path_factory.getbasetemp() / "tiny_clusternet")
+    return make_tiny_run(shared_base(tmp_path_factory) / "tiny_clusternet")
 
 
 @pytest.fixture(scope="session")

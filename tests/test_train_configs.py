@@ -18,6 +18,9 @@ from jaxcluster.train import components, logger, loop
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.py"))
+# base.py equals clusternet.py except for its name (test_config checks this), so only
+# clusternet.py is trained.
+TRAINED_CONFIG_FILES = [path for path in CONFIG_FILES if path.name != "base.py"]
 # The default run and one SPICE config stay on the default path; the rest are slow.
 DEFAULT_PATH_CONFIGS = ("clusternet.py", "spatial_embeddings.py")
 
@@ -83,7 +86,7 @@ def test_config_files_found():
         assert name in names
 
 
-@pytest.mark.parametrize("config_path", [_config_param(path) for path in CONFIG_FILES])
+@pytest.mark.parametrize("config_path", [_config_param(path) for path in TRAINED_CONFIG_FILES])
 def test_config_trains_on_fixed_batch(config_path, one_batch_files, tmp_path):
     dimension = config_lib.load_config(config_path).network_base.dimension
     config = config_lib.load_config(config_path, tiny_overrides(one_batch_files[dimension]))
