@@ -325,6 +325,28 @@ def test_all_bad_events_rejected_even_when_skipped():
         list(loader)
 
 
+def test_repeated_image_rows_are_summed_and_counted(caplog):
+    events = make_events(3)
+    # Event 1 repeats its first voxel twice and its second once: 3 merged rows.
+    image = events[1].image_coords
+    events[1].image_coords = np.concatenate([image, image[[0, 0, 1]]])
+    events[1].image_values = np.concatenate([events[1].image_values,
+                                             np.array([5.0, 7.0, 11.0], np.float32)])
+    with caplog.at_level(logging.INFO, logger="jaxcluster.data.loader"):
+        batch = next(make_loader(events, shuffle=False, batch_size=3, num_devices=1))
+    rows = batch["valid"][0] & (batch["coords"][0, :, 0] == 1)
+    assert rows.sum() == len(image)
+    coords = batch["coords"][0, rows, 1:]
+    features = batch["features"][0, rows, 0]
+    first = np.flatnonzero((coords == image[0]).all(axis=1))[0]
+    second = np.flatnonzero((coords == image[1]).all(axis=1))[0]
+    # Event 1's own value is 2 per row.
+    assert features[first] == pytest.approx(2 + 5 + 7)
+    assert features[second] == pytest.approx(2 + 11)
+    assert "epoch 0: 1 events repeat image voxels; their 3 repeated rows were summed into " \
+           "the first row of their voxel" in [r.getMessage() for r in caplog.records]
+
+
 def test_out_of_range_rejected_then_dropped():
     events = make_events(3)
     events[1].image_coords[0] = [16, 0, 0]

@@ -106,6 +106,10 @@ def test_sparse_sums_duplicates(dimension, seed):
     assert sparse.coords.dtype == np.int32
     assert sparse.coords.tolist() == [list(v) for v in sorted(expected)]
     np.testing.assert_allclose(sparse.column("value"), [expected[v] for v in sorted(expected)])
+    # Every input row inside the grid is either a voxel of its own or merged into one.
+    inside = (np.asarray(event.image_coords) < np.asarray(event.spatial_shape)).all(axis=1)
+    assert sparse.merged_rows == int(inside.sum()) - len(expected)
+    assert sparse.merged_rows > 0
 
 
 @pytest.mark.parametrize("dimension", [2, 3])
@@ -379,3 +383,11 @@ def test_missing_semantic_sets_class():
     assert scales[0].column("semantic").tolist() == [1, 2, UNLABELLED_SEMANTIC]
     with pytest.raises(ValueError, match="missing_semantic=-1"):
         parsers.parse_cluster3d_clean(event, "cluster3d_a", "sparse3d_a", missing_semantic=-1)
+
+
+def test_downsampled_features_keep_merged_count_at_scale_zero():
+    table = parsers.VoxelTable(np.array([[0, 0, 0], [3, 3, 3]], np.int32),
+                               np.ones((2, 1), np.float32), parsers.SPARSE_COLUMNS,
+                               merged_rows=4)
+    tables = parsers.downsample_features(table, 3)
+    assert [t.merged_rows for t in tables] == [4, 0, 0]

@@ -69,6 +69,11 @@ BAD_EVENT_POLICIES = ("error", "skip")
 _SKIP_REASONS = ("no voxels", "no instances", "unreadable")
 
 
+def _new_epoch_counts() -> dict[str, int]:
+    return {"read": 0, **dict.fromkeys(_SKIP_REASONS, 0), "merged rows": 0,
+            "events with merged rows": 0}
+
+
 class LoaderError(RuntimeError):
     """Error raised while loading a batch. Its message names the event and its cause is chained."""
 
@@ -158,7 +163,7 @@ class _BatchBuilder:
         self.steps_per_epoch = math.ceil(self.num_events / batch_size)
         self.num_features = len(parsers.SPARSE_COLUMNS)
         self.skipped = dict.fromkeys(_SKIP_REASONS, 0)
-        self._epoch_counts = {"read": 0, **self.skipped}
+        self._epoch_counts = _new_epoch_counts()
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -180,7 +185,7 @@ class _BatchBuilder:
         while num_epochs is None or epoch < num_epochs:
             order = self.epoch_order(epoch)
             from_start = step == 0
-            self._epoch_counts = {"read": 0, **dict.fromkeys(_SKIP_REASONS, 0)}
+            self._epoch_counts = _new_epoch_counts()
             for current in range(step, self.steps_per_epoch):
                 yield epoch, current, self.build(order, epoch, current)
             self._finish_epoch(epoch, from_start)
@@ -192,6 +197,10 @@ class _BatchBuilder:
         log.info("epoch %d: read %d events, %s %d (%d without voxels, %d without instances)",
                  epoch, counts["read"], "skipped" if self.drop_empty else "kept unusable",
                  num_empty, counts["no voxels"], counts["no instances"])
+        if counts["merged rows"]:
+            log.info("epoch %d: %d events repeat image voxels; their %d repeated rows were "
+                     "summed into the first row of their voxel", epoch,
+                     counts["events with merged rows"], counts["merged rows"])
         if counts["unreadable"]:
             log.warning("epoch %d: skipped %d of %d events that failed to load "
                         "(bad_events='skip'); each is logged above", epoch,
@@ -269,6 +278,10 @@ class _BatchBuilder:
         labels = self.label_call(event, **context)
         if isinstance(features, list):
             features = features[0]
+        if features.merged_rows:
+            self._epoch_counts["merged rows"] += features.merged_rows
+            self._epoch_counts["events with merged rows"] += 1
+            log.debug("%s: summed %d repeated image rows", source, features.merged_rows)
         if not isinstance(labels, list):
             labels = parsers.downsample_labels(labels, self.num_scales)
         if not np.array_equal(features.coords, labels[0].coords):

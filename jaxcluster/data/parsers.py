@@ -76,11 +76,14 @@ class VoxelTable:
       coords: ``[N, D] int32`` unique voxel coordinates, sorted lexicographically.
       values: ``[N, K]``, one column per name in ``columns``.
       columns: column names.
+      merged_rows: input rows that repeated a voxel of an earlier row and were summed
+        into it (sparse parsers only; 0 elsewhere). The loader counts them per epoch.
     """
 
     coords: np.ndarray
     values: np.ndarray
     columns: tuple[str, ...]
+    merged_rows: int = 0
 
     def column(self, name: str) -> np.ndarray:
         """Return the ``[N]`` column ``name``."""
@@ -188,7 +191,9 @@ def _run_starts(sorted_columns: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _image_voxels(event: Event, shape, out_of_range: str):
-    """Return the image as ``(keys [N] int64, coords [N, D] int32, value [N] float64)``.
+    """Return the image as ``(keys [N] int64, coords [N, D] int32, value [N] float64, merged)``.
+
+    ``merged`` counts the rows summed into an earlier row of the same voxel.
 
     Rows are unique voxels sorted by (x, y, z); duplicate rows are summed. The rows are
     sorted by value inside each voxel before summing so that the float sum does not
@@ -205,7 +210,7 @@ def _image_voxels(event: Event, shape, out_of_range: str):
     summed = np.add.reduceat(values, starts) if len(starts) else np.zeros((0,), np.float64)
     unique_keys = keys[starts]
     unique_coords = np.stack(np.unravel_index(unique_keys, shape), axis=1).astype(np.int32)
-    return unique_keys, unique_coords.reshape(-1, len(shape)), summed
+    return unique_keys, unique_coords.reshape(-1, len(shape)), summed, len(keys) - len(starts)
 
 
 def _cluster_attrs(event: Event, source: str) -> np.ndarray:
@@ -262,8 +267,9 @@ def _cluster_voxels(event: Event, shape, out_of_range: str):
 def _parse_sparse(event, sparse_product, *, dimension, parser, spatial_shape, out_of_range):
     _check_product(sparse_product, f"sparse{dimension}d", parser)
     shape = _resolve_shape(event, spatial_shape, dimension, parser)
-    _, coords, value = _image_voxels(event, shape, out_of_range)
-    return VoxelTable(coords, value.astype(np.float32)[:, None], SPARSE_COLUMNS)
+    _, coords, value, merged = _image_voxels(event, shape, out_of_range)
+    return VoxelTable(coords, value.astype(np.float32)[:, None], SPARSE_COLUMNS,
+                      merged_rows=int(merged))
 
 
 def parse_sparse3d_scn(event: Event, sparse_event: str, *, spatial_shape=None,
@@ -303,7 +309,7 @@ def _parse_cluster_clean(event, cluster_event, sparse_event, *, dimension, parse
                          f"id >= 0, such as {UNLABELLED_SEMANTIC} (not clustered) or 0")
     shape = _resolve_shape(event, spatial_shape, dimension, parser)
     source = event.source or "event"
-    image_keys, image_coords, _ = _image_voxels(event, shape, out_of_range)
+    image_keys, image_coords, _, _ = _image_voxels(event, shape, out_of_range)
     keys, attrs, values = _cluster_voxels(event, shape, out_of_range)
 
     # Sum the energy per (voxel, cluster attributes). Clusters with identical attributes
@@ -488,7 +494,8 @@ def downsample_features(features: VoxelTable, num_scales: int) -> list[VoxelTabl
         sites, parent = _parent_sites(features.coords, scale)
         summed = np.zeros((len(sites), values.shape[1]), np.float64)
         np.add.at(summed, parent, values)
-        tables.append(VoxelTable(sites, summed.astype(np.float32), features.columns))
+        tables.append(VoxelTable(sites, summed.astype(np.float32), features.columns,
+                                 merged_rows=features.merged_rows if scale == 0 else 0))
     return tables
 
 
