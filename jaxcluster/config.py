@@ -32,6 +32,10 @@ LOSS_NAMES = ("single", "multi", "multi-weighted", "multi-repel", "multi-distanc
               "se_weighted_focal")
 
 # Keys whose value must be one of a fixed set of names.
+# Keys added after runs were first written. ``inference.read_run_config`` gives a run
+# that lacks one of them the ``base.py`` default, which keeps the earlier behaviour.
+KEYS_ADDED_LATER = ("data.bad_events",)
+
 _CHOICES = {
     "model_name": MODEL_NAMES,
     "clusternet.backbone.name": ("uresnet", "fpn", "stack"),

@@ -190,12 +190,10 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """Read ``workdir/config.json`` into a locked, validated ``ConfigDict``.
 
     When the repository's ``configs/base.py`` is present, the run's keys are checked
-    against its keys. A key the run does not know, such as a renamed or removed one, is
-    an error that names it. A key added to jaxcluster after the run was written gets its
-    default, from the run's own variant file ``configs/<name>.py`` when that exists and
-    from ``base.py`` otherwise; the keys filled this way are logged. New keys come with
-    defaults that keep the earlier behaviour, and the strict checkpoint restore still
-    catches any change of the network's arrays.
+    against its keys, and each value against the type of its default. An unknown key,
+    a missing key or a value of another type is an error that names the key. The one
+    exception is a key listed in ``config.KEYS_ADDED_LATER``: a run written before that
+    key existed gets its default from ``base.py``, and a warning lists the keys filled.
     """
     workdir = pathlib.Path(workdir)
     path = workdir / config_lib.CONFIG_FILE_NAME
@@ -215,38 +213,78 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         raise RunDirectoryError(f"{path} must contain a JSON object, got {type(values).__name__}")
 
     if _BASE_CONFIG.is_file():
-        expected = set(config_lib.flat_keys(config_lib.load_config_file(_BASE_CONFIG)))
+        defaults = config_lib.load_config_file(_BASE_CONFIG)
+        _check_schema(values, path)
+        expected = set(config_lib.flat_keys(defaults))
         # The schema is a dict whose keys are the data's own output names, not config keys.
         found = {key for key in _flat_keys_of(values) if not key.startswith("data.schema.")}
         expected = {key for key in expected if not key.startswith("data.schema.")}
         unknown, missing = sorted(found - expected), sorted(expected - found)
-        if unknown:
+        not_fillable = [key for key in missing if key not in config_lib.KEYS_ADDED_LATER]
+        if unknown or not_fillable:
             raise RunDirectoryError(
-                f"{path} has keys that {_BASE_CONFIG.name} does not define: {unknown}; the run "
-                "was written by another version of jaxcluster, so evaluate it with that "
-                "version or retrain")
+                f"{path} does not match the keys of {_BASE_CONFIG.name}: unknown {unknown}, "
+                f"missing {not_fillable}; the run was written by another version of "
+                "jaxcluster or edited by hand, so evaluate it with that version, restore "
+                "the file or retrain")
         if missing:
-            _fill_missing_keys(values, missing, path)
+            _fill_missing_keys(values, missing, defaults, path)
+        _check_value_types(values, defaults, path)
     config = ml_collections.ConfigDict(values)
     config.lock()
     config_lib.validate_config(config, source=str(path))
     return config
 
 
-def _fill_missing_keys(values: dict, missing: list[str], path: pathlib.Path) -> None:
-    """Give each key in ``missing`` its default from the run's variant file or ``base.py``."""
-    variant = _BASE_CONFIG.parent / f"{values.get('name', '')}.py"
-    source = variant if values.get("name") and variant.is_file() else _BASE_CONFIG
-    defaults = config_lib.load_config_file(source)
+def _check_schema(values: dict, path: pathlib.Path) -> None:
+    """Raise unless ``data.schema`` maps ``input_data`` and ``cluster_label`` to parser lists."""
+    data = values.get("data")
+    schema = data.get("schema") if isinstance(data, dict) else None
+    for key in ("input_data", "cluster_label"):
+        entry = schema.get(key) if isinstance(schema, dict) else None
+        if not (isinstance(entry, list) and entry and isinstance(entry[0], str)):
+            raise RunDirectoryError(
+                f"{path}: data.schema.{key} is {entry!r}; it must be a list that starts with "
+                "a parser name, such as ['parse_sparse3d_scn', 'sparse3d_pcluster']; restore "
+                "the file or retrain")
+
+
+def _fill_missing_keys(values: dict, missing: list[str], defaults, path: pathlib.Path) -> None:
+    """Give each key in ``missing`` (all in ``KEYS_ADDED_LATER``) its ``base.py`` default."""
     for key in missing:
         *parents, leaf = key.split(".")
         node = values
         for part in parents:
             node = node.setdefault(part, {})
-        value = config_lib.get_key(defaults, key)
-        node[leaf] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+        node[leaf] = config_lib.get_key(defaults, key)
     log.warning("%s predates the config keys %s; using their defaults from %s", path,
-                missing, source.name)
+                missing, _BASE_CONFIG.name)
+
+
+def _check_value_types(values: dict, defaults, path: pathlib.Path) -> None:
+    """Raise when a stored scalar has another type than its ``base.py`` default."""
+    for key in config_lib.flat_keys(defaults):
+        if key.startswith("data.schema."):
+            continue
+        default = config_lib.get_key(defaults, key)
+        if default is None or not isinstance(default, (bool, int, float, str)):
+            continue
+        stored = _lookup_dotted(values, key)
+        expected = type(default)
+        matches = (isinstance(stored, expected) and not
+                   (expected is not bool and isinstance(stored, bool)))
+        if expected is float and isinstance(stored, int) and not isinstance(stored, bool):
+            matches = True
+        if not matches:
+            raise RunDirectoryError(
+                f"{path}: {key}={stored!r} is a {type(stored).__name__}, but {key} is a "
+                f"{expected.__name__} (default {default!r}); restore the file or retrain")
+
+
+def _lookup_dotted(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def _checkpoint_step(checkpointer, workdir: pathlib.Path, step: int | None) -> int:

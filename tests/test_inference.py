@@ -147,31 +147,49 @@ def test_config_with_unknown_key(tmp_path):
     values = json.loads(_write_tiny_config(tmp_path).read_text())
     values["train"]["num_stepz"] = 3
     (tmp_path / "config.json").write_text(json.dumps(values))
-    with pytest.raises(inference.RunDirectoryError,
-                       match=r"keys that base.py does not define: \['train.num_stepz'\]"):
+    with pytest.raises(inference.RunDirectoryError, match=r"unknown \['train.num_stepz'\]"):
         inference.load_run(tmp_path)
 
 
 def test_config_from_older_version_gets_new_defaults(tmp_path, caplog):
-    """A run written before a key existed reads with that key's default, not an error."""
+    """A run written before data.bad_events existed reads with its default."""
     values = json.loads(_write_tiny_config(tmp_path).read_text())
     expected = inference.read_run_config(tmp_path).to_dict()
     del values["data"]["bad_events"]
-    del values["train"]["num_steps"]
-    values["train"]["log_every_steps"] = 7  # a stored value is kept as it is
-    expected["train"]["log_every_steps"] = 7
     (tmp_path / "config.json").write_text(json.dumps(values))
     with caplog.at_level(logging.WARNING, logger="jaxcluster.inference"):
         config = inference.read_run_config(tmp_path)
     assert config.data.bad_events == "error"
-    # clusternet.py's own value, which the variant file gives.
-    variant = config_lib.load_config_file(REPO_ROOT / "configs/clusternet.py")
-    assert config.train.num_steps == variant.train.num_steps
-    expected["train"]["num_steps"] = variant.train.num_steps
     assert config.to_dict() == expected
     assert config.is_locked
-    assert any("predates the config keys ['data.bad_events', 'train.num_steps']" in r.getMessage()
+    assert any("predates the config keys ['data.bad_events']" in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda v: v["train"].pop("num_steps"), r"missing \['train.num_steps'\]"),
+    (lambda v: v.pop("network_base"), r"missing \['network_base.allow_bias', .*'network_base.dimension'"),
+    (lambda v: v["data"].pop("schema"), r"data.schema.input_data is None"),
+    (lambda v: v["data"]["schema"].pop("cluster_label"), r"data.schema.cluster_label is None"),
+    (lambda v: v["network_base"].update(spatial_size="192"),
+     r"network_base.spatial_size='192' is a str, but network_base.spatial_size is a int"),
+    (lambda v: v["network_base"].update(spatial_size=None), r"network_base.spatial_size=None"),
+    (lambda v: v["embeddings"].update(coordConv="false"), r"embeddings.coordConv='false'"),
+    (lambda v: v["train"].update(num_steps=True), r"train.num_steps=True is a bool"),
+])
+def test_edited_run_config_rejected(tmp_path, edit, message):
+    values = json.loads(_write_tiny_config(tmp_path).read_text())
+    edit(values)
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with pytest.raises(inference.RunDirectoryError, match=message):
+        inference.read_run_config(tmp_path)
+
+
+def test_run_config_accepts_integer_for_float(tmp_path):
+    values = json.loads(_write_tiny_config(tmp_path).read_text())
+    values["optimizer"]["learning_rate"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    assert inference.read_run_config(tmp_path).optimizer.learning_rate == 1
 
 
 def _tiny_events(run: inference.Run, indices) -> list:

@@ -66,6 +66,13 @@ def test_same_seed_same_parameters(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, first.params, second.params)
 
 
+def test_run_without_usable_events_fails(tmp_path):
+    """A run whose every batch is empty stops before its first checkpoint."""
+    with pytest.raises(loop.NoUsableEventsError, match=r"steps 1-3 .* no usable event"):
+        testing.run_toy_training(tmp_path, ["train.num_steps=3"], empty=True)
+    assert Checkpointer(tmp_path / loop.CHECKPOINT_DIR, max_to_keep=3).all_steps() == []
+
+
 def test_checkpointer_rejects_other_shapes(tmp_path):
     checkpointer = Checkpointer(tmp_path, max_to_keep=2)
     saved = {"params": {"dense": {"kernel": np.ones((4, 8), np.float32)}}, "step": np.int32(1)}

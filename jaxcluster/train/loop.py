@@ -44,6 +44,10 @@ class NonFiniteLossError(FloatingPointError):
     """The loss or the gradient norm became NaN or infinite."""
 
 
+class NoUsableEventsError(RuntimeError):
+    """Every event that reached the train step so far was skipped by the loader."""
+
+
 def _host_scalars(metrics: Mapping[str, Any]) -> dict:
     """First device's copy of replicated scalar metrics, as Python numbers."""
     host = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], metrics))
@@ -229,8 +233,10 @@ def _train(config, workdir, model, loss_fn, train_data, eval_data, evaluate_fn,
                        total_steps=num_steps, log_every_steps=config.train.log_every_steps)
     data_time = 0.0
     compiled_shapes = set()
+    usable_events = 0
     try:
         for step_number in range(first_step, num_steps + 1):
+            usable_events += int(np.sum(batch["event_valid"])) if "event_valid" in batch else 1
             # Each capacity bucket is a new input shape, so the step compiles once per bucket.
             shape = tuple(batch["coords"].shape) if "coords" in batch else None
             compiling = shape not in compiled_shapes
@@ -250,6 +256,12 @@ def _train(config, workdir, model, loss_fn, train_data, eval_data, evaluate_fn,
             logger.train_step(step_number, _step_row(metrics, schedule, step_number, train_data,
                                                      data_time, step_time))
             if step_number % config.train.checkpoint_every_steps == 0 or step_number == num_steps:
+                if usable_events == 0:
+                    raise NoUsableEventsError(
+                        f"steps {first_step}-{step_number} of {workdir} contained no usable "
+                        "event: the loader skipped every event it read (see its warnings), so "
+                        "the network learned nothing and no checkpoint was written; check "
+                        "data.train_file, data.schema and data.bad_events")
                 _save(checkpointer, step_number, replicated, train_data)
             eval_every = config.train.eval_every_steps
             if eval_data is not None and eval_every and (step_number % eval_every == 0

@@ -114,7 +114,7 @@ class ToyLoader:
     def __init__(self, *, batch_size: int, num_devices: int, seed: int = 0,
                  process_index: int = 0, process_count: int = 1,
                  nan_at_position: int | None = None, fail_at_position: int | None = None,
-                 fixed: bool = False, num_instances: int = 3):
+                 fixed: bool = False, num_instances: int = 3, empty: bool = False):
         self.batch_size = batch_size
         self.num_devices = num_devices
         self.seed = seed
@@ -124,6 +124,8 @@ class ToyLoader:
         self.fail_at_position = fail_at_position
         self.fixed = fixed
         self.num_instances = num_instances
+        # Every slot empty, as when the real loader skips every event.
+        self.empty = empty
         self.position = 0
 
     def state(self) -> dict:
@@ -145,8 +147,8 @@ class ToyLoader:
         step = 0 if self.fixed else self.position
         share = self.batch_size // self.process_count
         first = step * self.batch_size + self.process_index * share
-        events = [toy_event(self.seed, index, self.num_instances)
-                  for index in range(first, first + share)]
+        events = [] if self.empty else [toy_event(self.seed, index, self.num_instances)
+                                        for index in range(first, first + share)]
         slots = -(-share // self.num_devices)
         per_device = [pack_device_batch(events[d * slots:(d + 1) * slots], slots)
                       for d in range(self.num_devices)]
