@@ -23,6 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags, logging  # noqa: E402
 
+from jaxcluster.data.loader import LoaderError  # noqa: E402
 from jaxcluster.evaluation import scan_postprocessing  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (config.json, checkpoints/).")
@@ -67,11 +68,14 @@ def main(argv):
             "seed_threshold": _numbers(_SEED_THRESHOLD, float),
             "probability_threshold": _numbers(_PROBABILITY_THRESHOLD, float),
             "min_size": _numbers(_MIN_SIZE, int)}
-    scan = scan_postprocessing(_WORKDIR.value, _DATA.value, _OUTPUT.value, grid,
-                               format=_FORMAT.value, num_events=_NUM_EVENTS.value,
-                               projection=_PROJECTION.value, step=_STEP.value,
-                               spatial_size=_SPATIAL_SIZE.value,
-                               missing_semantic=_MISSING_SEMANTIC.value)
+    try:
+        scan = scan_postprocessing(_WORKDIR.value, _DATA.value, _OUTPUT.value, grid,
+                                   format=_FORMAT.value, num_events=_NUM_EVENTS.value,
+                                   projection=_PROJECTION.value, step=_STEP.value,
+                                   spatial_size=_SPATIAL_SIZE.value,
+                                   missing_semantic=_MISSING_SEMANTIC.value)
+    except (ValueError, TypeError, OSError, LoaderError) as error:
+        sys.exit(f"error: {error}")
     best = scan["best"]
     logging.info("best setting %s: mean ARI %s, fraction above 0.92 %s, mean purity %s, mean "
                  "efficiency %s", scan["best_flags"], best["ari_mean"],

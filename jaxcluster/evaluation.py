@@ -335,6 +335,7 @@ SPICE_SCAN_KEYS = ("seed_threshold", "probability_threshold", "min_size")
 SCAN_METRICS = ("ari_mean", "ari_median", f"ari_above_{ARI_THRESHOLD}_fraction", "purity_mean",
                 "efficiency_mean", "fscore_mean", "num_events_scored")
 SCAN_FILES = {"csv": "scan.csv", "summary": "scan.json", "plot": "scan.png"}
+_INTEGER_SCAN_KEYS = ("min_samples", "min_size")
 
 
 def postprocessing_grid(model_name: str, grid: dict
@@ -352,6 +353,9 @@ def postprocessing_grid(model_name: str, grid: dict
       ``(parameters, PostProcessing)``.
     """
     known = EMBEDDING_SCAN_KEYS + SPICE_SCAN_KEYS
+    if model_name not in inference.HYPERSPACE_MODELS + inference.SPICE_MODELS:
+        raise ValueError(f"post-processing scan: unknown model {model_name!r}; expected one of "
+                         f"{inference.HYPERSPACE_MODELS + inference.SPICE_MODELS}")
     unknown = sorted(set(grid) - set(known))
     if unknown:
         raise ValueError(f"post-processing scan: unknown parameter(s) {unknown}; scan one of "
@@ -362,11 +366,23 @@ def postprocessing_grid(model_name: str, grid: dict
     if ignored:
         log.info("post-processing scan: %s does not use %s; ignoring them", model_name, ignored)
     keys = tuple(key for key in family_keys if key in grid)
+    values_of = {}
     for key in keys:
-        if len(grid[key]) == 0:
+        values = grid[key]
+        # A single value, a string included, is a one-point axis.
+        if isinstance(values, (str, int, float)):
+            values = [values]
+        values = list(dict.fromkeys(values))  # drops repeated values, keeps the order
+        if not values:
             raise ValueError(f"post-processing scan: {key} has no values; give at least one")
+        if key in _INTEGER_SCAN_KEYS:
+            bad = [v for v in values if isinstance(v, bool) or int(v) != v]
+            if bad:
+                raise ValueError(f"post-processing scan: {key} must be whole numbers, got {bad}")
+            values = list(dict.fromkeys(int(v) for v in values))
+        values_of[key] = values
     points = []
-    for values in itertools.product(*(grid[key] for key in keys)):
+    for values in itertools.product(*(values_of[key] for key in keys)):
         parameters = dict(zip(keys, values))
         if spice:
             setting = inference.PostProcessing(spice=SpiceConfig(**parameters))
@@ -403,17 +419,13 @@ def scan_postprocessing(workdir: str | os.PathLike, data: str | os.PathLike,
       ARI; ties go to the higher fraction of events above ARI 0.92, then to grid order.
     """
     _check_num_events(num_events)
+    # The grid is checked before anything is loaded or written.
+    keys, points = postprocessing_grid(inference.read_run_config(workdir).model_name, grid)
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
     run, reader, schema, format = _open(
         workdir, data, format=format, projection=projection, step=step,
         spatial_size=spatial_size, missing_semantic=missing_semantic, postprocessing=None)
-    try:
-        keys, points = postprocessing_grid(run.model_name, grid)
-    except Exception:
-        if hasattr(reader, "close"):
-            reader.close()
-        raise
     settings = [setting for _, setting in points]
     log.info("scanning %d post-processing settings of %s (step %d) over %s on %d events of %s",
              len(points), workdir, run.step, list(keys), _num_to_read(reader, num_events), data)
@@ -434,7 +446,13 @@ def scan_postprocessing(workdir: str | os.PathLike, data: str | os.PathLike,
     best = max(range(len(results)), key=lambda i: (
         _or_minus_inf(results[i]["ari_mean"]),
         _or_minus_inf(results[i][f"ari_above_{ARI_THRESHOLD}_fraction"]), -i))
-    flags = " ".join(f"--{key}={results[best][key]}" for key in keys)
+    overridden = run.spatial_size != run.config.network_base.spatial_size
+    # Everything evaluate.py needs to score the best setting as the scan did.
+    flags = [f"--step={run.step}", f"--format={format}"]
+    flags += [f"--projection={projection}"] if format == "larcv3_h5" else []
+    flags += [f"--spatial_size={run.spatial_size}"] if overridden else []
+    flags += [f"--missing_semantic={missing_semantic}"] if missing_semantic is not None else []
+    flags = " ".join(flags + [f"--{key}={results[best][key]}" for key in keys])
     scan = {
         "run": {"workdir": str(run.workdir), "step": run.step, "model_name": run.model_name,
                 "config_name": run.config.name},
@@ -446,7 +464,9 @@ def scan_postprocessing(workdir: str | os.PathLike, data: str | os.PathLike,
         "results": results,
         "best": results[best],
         "best_flags": flags,
-        "caveats": [CAVEAT_SEMANTIC],
+        "spatial_size": run.spatial_size,
+        "spatial_size_overridden": overridden,
+        "caveats": ([CAVEAT_GRID] if overridden else []) + [CAVEAT_SEMANTIC],
         "files": dict(SCAN_FILES),
     }
     with open(output / SCAN_FILES["csv"], "w", newline="") as handle:

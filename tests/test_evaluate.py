@@ -247,8 +247,19 @@ def test_scan_command_line_matches_separate_evaluations(tiny_run_dir, tmp_path):
     ari = [entry["ari_mean"] for entry in scan["results"]]
     assert scan["best"] == scan["results"][int(np.argmax(ari))]
     best = scan["best"]
-    assert scan["best_flags"] == (f"--method=dbscan --eps={best['eps']} "
+    assert scan["best_flags"] == (f"--step={scan['run']['step']} --format=pilarnet_h5 "
+                                  f"--method=dbscan --eps={best['eps']} "
                                   f"--min_samples={best['min_samples']}")
+
+    # An invalid grid is a one-line error, and nothing is written.
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "experiments" / "scan_postprocessing.py"),
+         f"--workdir={tiny_run_dir}", f"--data={data}", f"--output={tmp_path / 'bad'}",
+         "--eps=0.5,-1"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: EmbeddingClusterConfig: "
+                                                             "eps=-1.0 must be > 0")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_postprocessing_grid_hyperspace():
@@ -276,6 +287,17 @@ def test_postprocessing_grid_spice():
     assert all(setting.embedding == EmbeddingClusterConfig() for _, setting in points)
 
 
+def test_postprocessing_grid_normalises_values():
+    keys, points = evaluation.postprocessing_grid(
+        "clusternet", {"method": "dbscan", "eps": [1.0, 0.5, 1.0], "min_samples": [5, 5.0]})
+    assert keys == ("method", "eps", "min_samples")
+    assert [parameters for parameters, _ in points] == [
+        {"method": "dbscan", "eps": 1.0, "min_samples": 5},
+        {"method": "dbscan", "eps": 0.5, "min_samples": 5}]
+    _, points = evaluation.postprocessing_grid("spatial_embeddings", {"seed_threshold": 0.4})
+    assert points[0][1].spice.seed_threshold == (0.4,) * 5
+
+
 def test_postprocessing_grid_errors():
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epsilon'\]"):
         evaluation.postprocessing_grid("clusternet", {"epsilon": [1.0]})
@@ -285,6 +307,10 @@ def test_postprocessing_grid_errors():
         evaluation.postprocessing_grid("clusternet", {"eps": [1.0, -1.0]})
     with pytest.raises(ValueError, match="seed_threshold"):
         evaluation.postprocessing_grid("spatial_embeddings", {"seed_threshold": [1.5]})
+    with pytest.raises(ValueError, match=r"min_size must be whole numbers, got \[2.7\]"):
+        evaluation.postprocessing_grid("spatial_embeddings", {"min_size": [1, 2.7]})
+    with pytest.raises(ValueError, match="unknown model 'unet'"):
+        evaluation.postprocessing_grid("unet", {"eps": [1.0]})
 
 
 def test_scan_plot_writes_png(tmp_path):
