@@ -45,6 +45,9 @@ _PROBABILITY_THRESHOLD = flags.DEFINE_float(
 _MIN_SIZE = flags.DEFINE_integer("min_size", 1, "SPICE: clusters with fewer voxels are dissolved.")
 _DISPLAY_EVENT = flags.DEFINE_integer(
     "display_event", None, "Event drawn in event_display.png; default the first labelled one.")
+_BAD_EVENTS = flags.DEFINE_enum(
+    "bad_events", "error", ["error", "skip"], "An event that fails to load: error stops, "
+    "skip logs it and leaves it unscored.")
 flags.mark_flags_as_required(["workdir", "data", "output"])
 
 
@@ -60,7 +63,8 @@ def main(argv):
     summary = evaluate(_WORKDIR.value, _DATA.value, _OUTPUT.value, format=_FORMAT.value,
                        num_events=_NUM_EVENTS.value, projection=_PROJECTION.value,
                        step=_STEP.value, spatial_size=_SPATIAL_SIZE.value,
-                       missing_semantic=_MISSING_SEMANTIC.value, postprocessing=postprocessing,
+                       missing_semantic=_MISSING_SEMANTIC.value,
+                       bad_events=_BAD_EVENTS.value, postprocessing=postprocessing,
                        display_event=_DISPLAY_EVENT.value)
     logging.info("summary: %d events, mean ARI %s, median ARI %s, mean purity %s, mean "
                  "efficiency %s", summary["num_events"], summary["ari_mean"],

@@ -49,6 +49,9 @@ _SEED_THRESHOLD = flags.DEFINE_list("seed_threshold", ["0.3", "0.5", "0.7"],
 _PROBABILITY_THRESHOLD = flags.DEFINE_list("probability_threshold", ["0.3", "0.5", "0.7"],
                                            "SPICE models: kernel probability thresholds.")
 _MIN_SIZE = flags.DEFINE_list("min_size", ["1"], "SPICE models: smallest cluster sizes.")
+_BAD_EVENTS = flags.DEFINE_enum(
+    "bad_events", "error", ["error", "skip"], "An event that fails to load: error stops, "
+    "skip logs it and leaves it unscored.")
 flags.mark_flags_as_required(["workdir", "data", "output"])
 
 
@@ -73,7 +76,8 @@ def main(argv):
                                    format=_FORMAT.value, num_events=_NUM_EVENTS.value,
                                    projection=_PROJECTION.value, step=_STEP.value,
                                    spatial_size=_SPATIAL_SIZE.value,
-                                   missing_semantic=_MISSING_SEMANTIC.value)
+                                   missing_semantic=_MISSING_SEMANTIC.value,
+                                   bad_events=_BAD_EVENTS.value)
     except (ValueError, TypeError, OSError, LoaderError) as error:
         sys.exit(f"error: {error}")
     best = scan["best"]

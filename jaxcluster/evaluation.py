@@ -168,7 +168,7 @@ def _open(workdir, data, *, format, projection, step, spatial_size, missing_sema
 
 
 def _batches(run: inference.Run, reader, schema, data, format: str, projection: int,
-             num_events: int | None, progress: bool):
+             num_events: int | None, progress: bool, bad_events: str = "error"):
     """Yield ``(index, source, single-device batch)`` for the first events of ``reader``.
 
     Closes the loader and the reader when the iteration ends or is abandoned.
@@ -180,7 +180,7 @@ def _batches(run: inference.Run, reader, schema, data, format: str, projection: 
     total = _num_to_read(reader, num_events)
     loader = Loader(reader, schema=schema, spatial_shape=run.spatial_shape, batch_size=1,
                     num_devices=1, num_scales=run.num_scales, seed=0, shuffle=False,
-                    num_epochs=1, drop_empty=False)
+                    num_epochs=1, drop_empty=False, bad_events=bad_events)
     name = pathlib.Path(data).name
     suffix = f", projection {projection}" if format == "larcv3_h5" else ""
     try:
@@ -209,7 +209,8 @@ def evaluate(workdir: str | os.PathLike, data: str | os.PathLike, output: str | 
              step: int | None = None, spatial_size: int | None = None,
              missing_semantic: int | None = None,
              postprocessing: inference.PostProcessing | None = None,
-             display_event: int | None = None, progress: bool = True) -> dict:
+             display_event: int | None = None, progress: bool = True,
+             bad_events: str = "error") -> dict:
     """Evaluate the run in ``workdir`` on ``data`` and write the files of the module docstring.
 
     Args:
@@ -228,6 +229,8 @@ def evaluate(workdir: str | os.PathLike, data: str | os.PathLike, output: str | 
       display_event: event drawn in ``event_display.png``; default the first event
         with labelled voxels.
       progress: show a tqdm progress bar.
+      bad_events: ``error`` stops at an event that fails to load; ``skip`` logs it and
+        keeps its row in ``events.csv`` with no voxels and no metrics.
 
     Returns:
       The summary dict written to ``summary.json``.
@@ -243,7 +246,7 @@ def evaluate(workdir: str | os.PathLike, data: str | os.PathLike, output: str | 
              run.step, _num_to_read(reader, num_events), data, format, run.spatial_size)
     rows, viewer_events, predictions = [], [], {}
     for index, source, batch in _batches(run, reader, schema, data, format, projection,
-                                         num_events, progress):
+                                         num_events, progress, bad_events):
         started = time.perf_counter()
         prediction = run.predict(batch)
         row = _event_row(index, source, prediction, time.perf_counter() - started)
@@ -397,7 +400,8 @@ def scan_postprocessing(workdir: str | os.PathLike, data: str | os.PathLike,
                         output: str | os.PathLike, grid: dict, *, format: str | None = None,
                         num_events: int | None = None, projection: int = 0,
                         step: int | None = None, spatial_size: int | None = None,
-                        missing_semantic: int | None = None, progress: bool = True) -> dict:
+                        missing_semantic: int | None = None, progress: bool = True,
+                        bad_events: str = "error") -> dict:
     """Score every post-processing setting of ``grid`` on ``data``, running the network once.
 
     Use a file that is neither the training file nor the file the final numbers come
@@ -410,7 +414,7 @@ def scan_postprocessing(workdir: str | os.PathLike, data: str | os.PathLike,
 
     Args:
       workdir, data, format, num_events, projection, step, spatial_size,
-        missing_semantic, progress: as for ``evaluate``.
+        missing_semantic, progress, bad_events: as for ``evaluate``.
       output: output directory, created if missing.
       grid: ``{parameter: values}`` (see ``postprocessing_grid``).
 
@@ -431,7 +435,7 @@ def scan_postprocessing(workdir: str | os.PathLike, data: str | os.PathLike,
              len(points), workdir, run.step, list(keys), _num_to_read(reader, num_events), data)
     rows_per_setting = [[] for _ in points]
     for index, source, batch in _batches(run, reader, schema, data, format, projection,
-                                         num_events, progress):
+                                         num_events, progress, bad_events):
         started = time.perf_counter()
         predictions = run.predict_each(batch, settings)
         seconds = (time.perf_counter() - started) / len(points)

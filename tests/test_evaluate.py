@@ -14,6 +14,7 @@ from sklearn.metrics import adjusted_rand_score
 from jaxcluster import evaluation, inference, plots
 from jaxcluster.cluster.embedding import EmbeddingClusterConfig
 from jaxcluster.cluster.spice import SpiceConfig
+from jaxcluster.data.loader import LoaderError
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from test_inference import REPO_ROOT, make_tiny_run, shared_base  # noqa: E402
@@ -91,6 +92,35 @@ def test_evaluate_tiny_run(tiny_run_dir, tmp_path):
     assert summary["ari_mean"] == pytest.approx(ari.mean())
     assert summary["ari_median"] == pytest.approx(np.median(ari))
     assert summary["ari_above_0.92_fraction"] == pytest.approx(np.mean(ari > 0.92))
+
+
+@pytest.mark.slow
+def test_evaluate_skips_bad_event_when_asked(tiny_run_dir, tmp_path, monkeypatch):
+    data = inference.load_run(tiny_run_dir).config.data.train_file
+    real_open = inference.open_reader
+
+    def open_with_a_bad_event(*args, **kwargs):
+        reader = real_open(*args, **kwargs)
+        read = reader.read
+
+        def failing_read(index):
+            if index == 1:
+                raise OSError("simulated bad row")
+            return read(index)
+
+        reader.read = failing_read
+        return reader
+
+    monkeypatch.setattr(inference, "open_reader", open_with_a_bad_event)
+    with pytest.raises(LoaderError, match="event 1 .*simulated bad row.*--bad_events=skip"):
+        evaluation.evaluate(tiny_run_dir, data, tmp_path / "a", num_events=3, progress=False)
+    summary = evaluation.evaluate(tiny_run_dir, data, tmp_path / "b", num_events=3,
+                                  progress=False, bad_events="skip")
+    rows, _ = _check_outputs(tmp_path / "b", 3)
+    assert [int(row["num_voxels"]) for row in rows] == [int(rows[0]["num_voxels"]), 0,
+                                                        int(rows[2]["num_voxels"])]
+    assert summary["num_events"] == 3
+    assert summary["num_events_scored"] == 2
 
 
 @pytest.mark.slow

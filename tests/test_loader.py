@@ -295,7 +295,7 @@ def test_bad_events_skipped_when_asked(prefetch, caplog):
     options = dict(schema=SCHEMA_3D, spatial_shape=(16,) * 3, batch_size=3, num_devices=1,
                    num_scales=NUM_SCALES, seed=0, shuffle=False, num_epochs=1,
                    prefetch=prefetch)
-    with pytest.raises(LoaderError, match="pass bad_events='skip'"):
+    with pytest.raises(LoaderError, match="skip such events with bad_events='skip'"):
         list(Loader(reader, **options))
     with caplog.at_level(logging.INFO, logger="jaxcluster.data.loader"):
         loader = Loader(reader, bad_events="skip", **options)

@@ -253,8 +253,9 @@ class _BatchBuilder:
             message = (f"epoch {epoch}: failed to load event {index} ({source}): "
                        f"{type(exc).__name__}: {exc}")
             if self.bad_events == "error":
-                raise LoaderError(message + "; fix the event, or pass bad_events='skip' "
-                                  "(config key data.bad_events) to skip such events") from exc
+                raise LoaderError(message + "; fix the event, or skip such events with "
+                                  "bad_events='skip' (config key data.bad_events, flag "
+                                  "--bad_events=skip of evaluate.py)") from exc
             self._epoch_counts["read"] += 1
             self._epoch_counts["unreadable"] += 1
             self.skipped["unreadable"] += 1
