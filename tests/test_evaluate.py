@@ -18,6 +18,7 @@ from jaxcluster.data.loader import LoaderError
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from test_inference import REPO_ROOT, make_tiny_run, shared_base  # noqa: E402
+from test_train_configs import failing_opener  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SUMMARY_KEYS = ("ari_mean", "ari_median", "purity_mean", "purity_median", "efficiency_mean",
@@ -97,21 +98,8 @@ def test_evaluate_tiny_run(tiny_run_dir, tmp_path):
 @pytest.mark.slow
 def test_evaluate_skips_bad_event_when_asked(tiny_run_dir, tmp_path, monkeypatch):
     data = inference.load_run(tiny_run_dir).config.data.train_file
-    real_open = inference.open_reader
-
-    def open_with_a_bad_event(*args, **kwargs):
-        reader = real_open(*args, **kwargs)
-        read = reader.read
-
-        def failing_read(index):
-            if index == 1:
-                raise OSError("simulated bad row")
-            return read(index)
-
-        reader.read = failing_read
-        return reader
-
-    monkeypatch.setattr(inference, "open_reader", open_with_a_bad_event)
+    monkeypatch.setattr(inference, "open_reader",
+                        failing_opener(inference.open_reader, bad_index=1))
     with pytest.raises(LoaderError, match="event 1 .*simulated bad row.*--bad_events=skip"):
         evaluation.evaluate(tiny_run_dir, data, tmp_path / "a", num_events=3, progress=False)
     summary = evaluation.evaluate(tiny_run_dir, data, tmp_path / "b", num_events=3,
@@ -348,4 +336,6 @@ def test_scan_plot_writes_png(tmp_path):
                                       "purity_mean": [0.9, 0.8, float("nan")]},
                     tmp_path / "s.png", best=2, title="scan")
     image = matplotlib.image.imread(tmp_path / "s.png")
-    assert image.ndim == 3 and image.shape[1] > image.shape[0]
+    assert image.ndim == 3
+    # The figure is wider than tall, so the rotated tick labels fit.
+    assert image.shape[1] > image.shape[0]

@@ -198,14 +198,18 @@ def _tiny_events(run: inference.Run, indices) -> list:
     return [data.read(i) for i in indices]
 
 
+def _two_device_batch(run: inference.Run, events) -> dict:
+    """Pack ``events`` into one loader batch over 2 devices."""
+    loader = Loader(ListReader(events), schema=run.schema, spatial_shape=run.spatial_shape,
+                    batch_size=len(events), num_devices=2, num_scales=run.num_scales, seed=0,
+                    shuffle=False, num_epochs=1, prefetch=0, drop_empty=False)
+    return next(iter(loader))
+
+
 @pytest.mark.slow
 def test_predict_event_and_batch_agree(tiny_run):
     events = _tiny_events(tiny_run, range(TINY_NUM_EVENTS))
-    loader = Loader(ListReader(events), schema=tiny_run.schema,
-                    spatial_shape=tiny_run.spatial_shape, batch_size=TINY_NUM_EVENTS,
-                    num_devices=2, num_scales=tiny_run.num_scales, seed=0, shuffle=False,
-                    num_epochs=1, prefetch=0, drop_empty=False)
-    batch = next(iter(loader))
+    batch = _two_device_batch(tiny_run, events)
     together = tiny_run.predict(batch)
     assert together.num_events == TINY_NUM_EVENTS
 
@@ -221,23 +225,18 @@ def test_predict_event_and_batch_agree(tiny_run):
 
 @pytest.mark.slow
 def test_predict_each_equals_predict_per_setting(tiny_run):
-    events = _tiny_events(tiny_run, range(TINY_NUM_EVENTS))
-    loader = Loader(ListReader(events), schema=tiny_run.schema,
-                    spatial_shape=tiny_run.spatial_shape, batch_size=TINY_NUM_EVENTS,
-                    num_devices=2, num_scales=tiny_run.num_scales, seed=0, shuffle=False,
-                    num_epochs=1, prefetch=0, drop_empty=False)
-    batch = next(iter(loader))
+    batch = _two_device_batch(tiny_run, _tiny_events(tiny_run, range(TINY_NUM_EVENTS)))
     settings = [inference.PostProcessing(embedding=EmbeddingClusterConfig(eps=eps, min_samples=2))
                 for eps in (0.05, 0.5, 5.0)]
-    each = tiny_run.predict_each(batch, settings)
-    assert len(each) == len(settings)
-    for setting, prediction in zip(settings, each):
+    per_setting = tiny_run.predict_each(batch, settings)
+    assert len(per_setting) == len(settings)
+    for setting, prediction in zip(settings, per_setting):
         alone = tiny_run.predict(batch, setting)
         np.testing.assert_array_equal(prediction.coords, alone.coords)
         np.testing.assert_array_equal(prediction.instance, alone.instance)
         assert prediction.sources == alone.sources
     # The settings must give different partitions, else the comparison proves little.
-    assert len({tuple(p.instance) for p in each}) > 1
+    assert len({tuple(p.instance) for p in per_setting}) > 1
     with pytest.raises(ValueError, match="at least one PostProcessing"):
         tiny_run.predict_each(batch, [])
     with pytest.raises(TypeError, match="PostProcessing objects, got EmbeddingClusterConfig"):

@@ -306,9 +306,9 @@ def test_bad_events_skipped_when_asked(prefetch, caplog):
     # The kept events are exactly those a loader over the good events alone gives.
     reference = list(Loader(ListReader([events[i] for i in (0, 1, 3, 5)]),
                             **dict(options, batch_size=2)))
-    kept = [b["features"][0][b["valid"][0]] for b in batches]
+    loaded = [b["features"][0][b["valid"][0]] for b in batches]
     expected = [b["features"][0][b["valid"][0]] for b in reference]
-    np.testing.assert_array_equal(np.concatenate(kept), np.concatenate(expected))
+    np.testing.assert_array_equal(np.concatenate(loaded), np.concatenate(expected))
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("event 2 (bad.h5, event 2)" in m and "not finite" in m for m in messages)
     assert any("event 4" in m and "OSError: disk read failed" in m for m in messages)

@@ -104,23 +104,27 @@ def test_config_trains_on_fixed_batch(config_path, one_batch_files, tmp_path):
     assert np.all(grad_norms > 0), "no parameter received a gradient"
 
 
-def test_build_loader_applies_bad_events(one_batch_files, monkeypatch):
-    path = one_batch_files[3]
-    real_open = components.open_reader
-
-    def open_with_a_bad_event(config, data_path):
-        reader = real_open(config, data_path)
+def failing_opener(open_reader, bad_index: int):
+    """Wrap a reader-opening function so that its readers fail on event ``bad_index``."""
+    def open_with_a_bad_event(*args, **kwargs):
+        reader = open_reader(*args, **kwargs)
         read = reader.read
 
         def failing_read(index):
-            if index == 1:
+            if index == bad_index:
                 raise OSError("simulated bad row")
             return read(index)
 
         reader.read = failing_read
         return reader
 
-    monkeypatch.setattr(components, "open_reader", open_with_a_bad_event)
+    return open_with_a_bad_event
+
+
+def test_build_loader_applies_bad_events(one_batch_files, monkeypatch):
+    path = one_batch_files[3]
+    monkeypatch.setattr(components, "open_reader",
+                        failing_opener(components.open_reader, bad_index=1))
     options = dict(num_devices=1, process_index=0, process_count=1, seed=0, shuffle=False,
                    num_epochs=1)
     default = config_lib.load_config(CONFIG_DIR / "clusternet.py",

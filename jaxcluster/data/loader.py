@@ -64,7 +64,7 @@ class ListReader:
         return self._events[index]
 
 
-# What the loader does with an event that fails to read or parse.
+# Policies for an event that fails to read or parse.
 BAD_EVENT_POLICIES = ("error", "skip")
 _SKIP_REASONS = ("no voxels", "no instances", "unreadable")
 
